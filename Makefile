@@ -1,0 +1,42 @@
+# dinoserve: `make serve` and `make test` work on a fresh clone with nothing else installed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Re-install only when the dependency list changes: a second run costs seconds.
+STAMP := $(VENV)/.installed
+DINOSERVE_PORT ?= 8080
+PORT ?= $(DINOSERVE_PORT)
+HOST ?= 127.0.0.1
+REPOSITORY ?= model_repository
+MODEL ?= dinoserve-demo
+DEMO_CHECKPOINT := demo/dinoserve-demo.pth
+BUNDLE := $(REPOSITORY)/$(MODEL)/1/model.onnx
+PYTEST_ARGS ?=
+
+.PHONY: install test serve bundle demo-model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	@touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bundle: $(BUNDLE)
+
+$(BUNDLE): $(DEMO_CHECKPOINT) | $(STAMP)
+	$(BIN)/dinoserve export $(DEMO_CHECKPOINT) --repository $(REPOSITORY) --name $(MODEL)
+
+serve: $(STAMP) $(BUNDLE)
+	$(BIN)/dinoserve serve --repository $(REPOSITORY) --model $(MODEL) --host $(HOST) --port $(PORT)
+
+# Rebuilds the committed demo checkpoint exactly as described in the README.
+demo-model: $(STAMP)
+	$(BIN)/dinoserve train --config demo/train.toml --output runs/demo
+	cp runs/demo/teacher_backbone.pth $(DEMO_CHECKPOINT)
+
+clean:
+	rm -rf $(REPOSITORY) runs .pytest_cache

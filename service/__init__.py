@@ -1,0 +1,3 @@
+"""dinoserve gateway: HTTP in front of Triton. Never imports torch."""
+
+__version__ = "0.1.0"

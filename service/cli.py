@@ -1,0 +1,135 @@
+"""``dinoserve``: one command line for training, export and serving.
+
+``train`` and ``export`` need the ``train`` extra (torch); they are imported only when used, so the
+gateway image without torch still runs ``dinoserve serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from training.config import TrainConfig
+
+TRAIN_HELP = {
+    "method": "self-supervised objective",
+    "arch": "ViT size: vit_nano / vit_micro (CPU and tests), vit_tiny, vit_small, vit_base, vit_large",
+    "patch_size": "patch side in pixels; 8 gives finer attention maps at 4x the cost of 16",
+    "img_size": "size whose patch grid the position embeddings are stored at; others are interpolated",
+    "data": "image folder (class sub-folders give labels) or synthetic:N[:SIZE[:SEED]]",
+    "output": "run directory: checkpoint.pth (resumable), teacher_backbone.pth, log.jsonl, config.json",
+    "lr": "peak learning rate for a batch of 256, scaled linearly with the batch size",
+    "out_dim": "prototypes in the DINO head; 65536 in the paper, smaller for small data",
+    "teacher_temp": "teacher sharpening temperature after warm-up; above 0.07 was unstable in the paper",
+    "warmup_teacher_temp": "initial teacher temperature; lower it if the loss does not decrease early",
+    "momentum_teacher": "EMA rate of the teacher, raised to 1 by a cosine; 0.9995 helps small batches",
+    "norm_last_layer": "fix the prototypes' weight-norm gain; true is more stable, false can be better for ViT-S",
+    "clip_grad": "per-parameter gradient norm cap (0 disables); helps ViTs train stably",
+    "freeze_last_layer": "epochs during which the prototypes do not move; stabilises the start",
+    "drop_path_rate": "stochastic depth of the student",
+    "local_crops_number": "small crops per image; the student must match the teacher's global views from them",
+    "num_workers": "data-loading processes; augmentation is CPU-heavy",
+}
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a ViT with DINO", description="Train a ViT backbone with DINO.")
+    p.add_argument("--config", type=Path, help="JSON or TOML file of options; command-line options win")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kwargs = {"help": f"{TRAIN_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})",
+                  "default": None}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs.update(nargs=2, type=float, metavar=("MIN", "MAX"))
+        else:
+            kwargs["type"] = type(default)
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="checkpoint → Triton model bundle",
+                       description="Export a checkpoint to a Triton model-repository entry with a model card.")
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pth or teacher_backbone.pth from `dinoserve train`")
+    p.add_argument("--repository", type=Path, required=True, help="Triton model repository directory")
+    p.add_argument("--name", required=True, help="model name (directory and Triton model name)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="runtime format of the bundle")
+    p.add_argument("--checkpoint-key", choices=["teacher", "student"], default="teacher",
+                   help="which network of a training checkpoint; the papers report the teacher")
+    p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
+    p.add_argument("--queue-delay-us", type=int, default=2000,
+                   help="Triton dynamic batcher's max queue delay; trades latency for batch size")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the ONNX file in onnxruntime and compare with PyTorch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="start the HTTP gateway (and an embedded Triton)",
+                       description="Serve a model bundle over HTTP. Every option also reads DINOSERVE_<OPTION>.")
+    p.add_argument("--repository", type=Path, help="model repository holding the bundle (default: model_repository)")
+    p.add_argument("--model", help="model name in the repository (default: dinoserve-demo)")
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default: 8080)")
+    p.add_argument("--data-dir", type=Path, help="directory for persistent data (default: data)")
+    p.add_argument("--triton-url", help="host:port of an external Triton's HTTP endpoint; embedded if unset")
+    p.add_argument("--log-level", help="debug, info, warning, error (default: info)")
+
+
+def _train(args) -> int:
+    from training.trainer import train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    if args.config:
+        cfg = TrainConfig.from_file(args.config, overrides)
+    else:
+        cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    if not cfg.data:
+        raise SystemExit("dinoserve train: --data is required (a folder or synthetic:N)")
+    out = train(cfg, progress=not args.quiet)
+    print(f"wrote {out / 'checkpoint.pth'} and {out / 'teacher_backbone.pth'}")
+    return 0
+
+
+def _export(args) -> int:
+    from training.export import export_bundle
+
+    model_dir = export_bundle(args.checkpoint, args.repository, args.name, args.checkpoint_key,
+                              args.max_batch_size, args.queue_delay_us, args.verify, progress=not args.quiet)
+    print(f"wrote {model_dir}")
+    return 0
+
+
+def _serve(args) -> int:
+    from service.server import serve
+    from service.settings import Settings
+
+    names = ("repository", "model", "host", "port", "data_dir", "triton_url", "log_level")
+    return serve(Settings.load({n: getattr(args, n) for n in names}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dinoserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_export(sub)
+    _add_serve(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so `finally` blocks stop Triton and nothing is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return {"train": _train, "export": _export, "serve": _serve}[args.command](args)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The embedded runtime: the real ``tritonserver`` from the ``nvidia-pytriton`` wheel, started in
+this process, serving the bundle's ONNX through onnxruntime with Triton's dynamic batcher.
+
+The wheel ships only Triton's Python backend, so the ONNX file runs in an onnxruntime session bound
+to the model name through PyTriton; clients see the same KServe v2 model (name, tensors, batching) as
+an NGC Triton reading ``config.pbtxt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from .model_card import OUTPUT_NAMES, ModelCard
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _use_interpreter_libpython() -> None:
+    """The Python-backend stub links ``libpython3.x.so``; the system copy does not match this
+    interpreter's stdlib, so point the loader at the running interpreter's library directory."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    current = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir and libdir not in current.split(os.pathsep):
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, current) if p)
+
+
+class EmbeddedTriton:
+    def __init__(self, model_dir: Path, card: ModelCard, host: str = "127.0.0.1", http_port: int = 0,
+                 grpc_port: int = 0, metrics_port: int = 0, threads: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.card = card
+        self.host = host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.threads = threads
+        self._triton = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def _infer_function(self):
+        import onnxruntime as ort
+        from pytriton.decorators import batch
+
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        session = ort.InferenceSession(
+            str(self.model_dir / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        input_name = self.card.input_name
+        names = [self.card.output_name(o) for o in OUTPUT_NAMES]
+
+        @batch
+        def infer(**inputs):
+            values = session.run(names, {input_name: inputs[input_name]})
+            return dict(zip(names, values))
+
+        return infer
+
+    def start(self) -> str:
+        """Start Triton and load the model; returns the HTTP ``host:port``."""
+        _use_interpreter_libpython()
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+
+        serving = self.card.raw.get("serving", {})
+        d, heads = self.card.embed_dim, self.card.num_heads
+        config = TritonConfig(
+            http_address=self.host, http_port=self.http_port, grpc_address=self.host,
+            grpc_port=self.grpc_port, metrics_address=self.host, metrics_port=self.metrics_port,
+            exit_timeout_secs=5, log_verbose=0,
+        )
+        triton = Triton(config=config)
+        try:
+            triton.bind(
+                model_name=self.card.name,
+                infer_func=self._infer_function(),
+                inputs=[Tensor(name=self.card.input_name, dtype=np.float32, shape=(3, -1, -1))],
+                outputs=[
+                    Tensor(name=self.card.output_name("embedding"), dtype=np.float32, shape=(d,)),
+                    Tensor(name=self.card.output_name("attention"), dtype=np.float32, shape=(heads, -1)),
+                    Tensor(name=self.card.output_name("patch_tokens"), dtype=np.float32, shape=(-1, d)),
+                ],
+                config=ModelConfig(
+                    max_batch_size=int(serving.get("max_batch_size", 64)),
+                    batcher=DynamicBatcher(
+                        max_queue_delay_microseconds=int(serving.get("max_queue_delay_microseconds", 2000))
+                    ),
+                ),
+                strict=True,
+            )
+            triton.run()
+        except BaseException:
+            triton.stop()
+            raise
+        self._triton = triton
+        log.info("embedded Triton serving %s at http://%s (metrics on port %d)",
+                 self.card.name, self.url, self.metrics_port)
+        return self.url
+
+    def stop(self) -> None:
+        if self._triton is not None:
+            self._triton.stop()
+            self._triton = None

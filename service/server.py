@@ -1,0 +1,43 @@
+"""``dinoserve serve``: start (or connect to) Triton, then the gateway; stop both on exit."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from .app import create_app
+from .embedded_triton import EmbeddedTriton
+from .model_card import ModelCard
+from .settings import Settings
+from .triton_backend import TritonBackend
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: Settings) -> int:
+    logging.getLogger().setLevel(settings.log_level.upper())
+    card = ModelCard.load(settings.model_dir)
+    embedded = None
+    url = settings.triton_url
+    try:
+        if url is None:
+            embedded = EmbeddedTriton(settings.model_dir, card, http_port=settings.triton_http_port,
+                                      grpc_port=settings.triton_grpc_port,
+                                      metrics_port=settings.triton_metrics_port)
+            url = embedded.start()
+        backend = TritonBackend(url, card, settings.triton_timeout_s)
+        app = create_app(settings, card, backend)
+        base = f"http://{settings.host}:{settings.port}"
+        print(f"dinoserve: model {card.name} ({card.arch}/{card.patch_size}, dim {card.embed_dim}) "
+              f"via Triton at {url}\n"
+              f"  embeddings  POST {base}/v1/embeddings\n"
+              f"  API docs         {base}/docs\n"
+              f"  readiness        {base}/readyz", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                               log_level=settings.log_level.lower(), access_log=False))
+        server.run()
+        return 0 if server.started else 1
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,60 @@
+"""Gateway settings: one object, filled from ``DINOSERVE_<OPTION>`` environment variables and then
+from command-line options (which win)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ENV_PREFIX = "DINOSERVE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    repository: Path = Path("model_repository")
+    model: str = "dinoserve-demo"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("data")
+    triton_url: str | None = None  # external Triton (host:port of its HTTP endpoint); embedded if unset
+    triton_http_port: int = 0  # embedded Triton's ports; 0 picks a free one
+    triton_grpc_port: int = 0
+    triton_metrics_port: int = 0
+    triton_timeout_s: float = 30.0
+    ready_timeout_s: float = 120.0  # how long start-up waits for the model to answer its warm-up
+    max_images_per_request: int = 64
+    max_image_pixels: int = 40_000_000  # checked from the header, before decoding
+    max_request_bytes: int = 64 * 1024 * 1024
+    log_level: str = "info"
+
+    @classmethod
+    def load(cls, overrides: dict | None = None, environ: dict | None = None) -> "Settings":
+        """Defaults, then ``DINOSERVE_*`` variables, then ``overrides`` whose value is not None."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if overrides and overrides.get(f.name) is not None:
+                raw = overrides[f.name]
+            if raw is None:
+                continue
+            values[f.name] = _coerce(f.name, f.type, raw)
+        return cls(**values)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.repository / self.model
+
+
+def _coerce(name: str, type_name: str, raw):
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "Path":
+            return Path(raw)
+        return str(raw) if raw != "" else None
+    except ValueError:
+        raise ValueError(f"setting {name} ({ENV_PREFIX}{name.upper()}): {raw!r} is not a valid {type_name}") from None

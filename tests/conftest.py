@@ -1,0 +1,43 @@
+"""Shared fixtures: one tiny DINO run and its exported bundle, made once per test session through the
+real command line (``dinoserve train`` and ``dinoserve export``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TINY_TRAIN = [
+    "--data", "synthetic:48:64:0", "--arch", "vit_nano", "--epochs", "2", "--batch-size", "16",
+    "--global-size", "64", "--local-size", "32", "--local-crops-number", "2", "--out-dim", "256",
+    "--hidden-dim", "128", "--bottleneck-dim", "64", "--warmup-epochs", "1", "--num-workers", "0",
+    "--warmup-teacher-temp-epochs", "1", "--quiet",
+]
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dinoserve"), *args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, f"dinoserve {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A run directory of ``dinoserve train`` (2 epochs of a 2-block ViT on 48 synthetic images)."""
+    out = tmp_path_factory.mktemp("run")
+    run_cli("train", *TINY_TRAIN, "--output", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    """A model directory written by ``dinoserve export`` from the tiny run's full checkpoint."""
+    repository = tmp_path_factory.mktemp("repository")
+    run_cli("export", str(trained_run / "checkpoint.pth"), "--repository", str(repository),
+            "--name", "tiny", "--quiet")
+    return repository / "tiny"

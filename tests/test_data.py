@@ -1,0 +1,351 @@
+"""Specification tests for training.data: synthetic shapes and image folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import (
+    BACKGROUNDS,
+    CLASSES,
+    ImageFolder,
+    SyntheticShapes,
+    load_image,
+    make_sample,
+    mask_root,
+    open_dataset,
+    synthetic,
+    write_dataset,
+)
+
+N_STATS = 600  # enough for every (class, background) pair and a stable accuracy estimate
+STATS_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [make_sample(i, STATS_SIZE) for i in range(N_STATS)]
+
+
+def _pixels(sample) -> np.ndarray:
+    return np.asarray(sample.image, dtype=np.float32)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose four neighbours are all in ``mask`` (image border excluded)."""
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = (
+        mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    )
+    return inner
+
+
+def _nearest_class_mean_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+    """Fit class means on the first half, score the second half."""
+    train = np.arange(len(labels)) < len(labels) // 2
+    means = np.stack([features[train & (labels == k)].mean(axis=0) for k in range(len(CLASSES))])
+    scale = features[train].std(axis=0)
+    distances = (((features[~train, None] - means[None]) / scale) ** 2).sum(axis=-1)
+    return float((distances.argmin(axis=1) == labels[~train]).mean())
+
+
+# --- synthetic generator ------------------------------------------------------
+
+
+def test_same_arguments_give_identical_bytes():
+    a, b = make_sample(7, 96, seed=3), make_sample(7, (96, 96), seed=3)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert np.array_equal(a.mask, b.mask)
+    assert (a.label, a.class_name, a.background) == (
+        b.label,
+        b.class_name,
+        b.background,
+    )
+
+
+def test_different_seed_or_index_gives_different_image():
+    base = make_sample(7, 64, seed=3).image.tobytes()
+    assert make_sample(7, 64, seed=4).image.tobytes() != base
+    assert make_sample(7 + len(CLASSES), 64, seed=3).image.tobytes() != base
+
+
+def test_classes_are_distinct_sorted_and_at_least_six():
+    # Sorted so that ImageFolder's labels (sorted folder names) match the generator's.
+    assert len(CLASSES) >= 6
+    assert list(CLASSES) == sorted(set(CLASSES))
+
+
+def test_labels_are_balanced_and_consistent():
+    dataset = SyntheticShapes(6 * len(CLASSES), size=32, seed=1)
+    labels = []
+    for i in range(len(dataset)):
+        sample = dataset.sample(i)
+        assert sample.label == i % len(CLASSES)
+        assert sample.class_name == CLASSES[sample.label]
+        labels.append(dataset[i][1])
+    assert np.bincount(labels).tolist() == [6] * len(CLASSES)
+
+
+def test_non_square_image_and_mask_shapes():
+    sample = make_sample(3, (120, 72))
+    assert sample.image.mode == "RGB"
+    assert sample.image.size == (120, 72)
+    assert sample.mask.dtype == np.bool_
+    assert sample.mask.shape == (72, 120)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ((-1,), ValueError),
+        ((0, 8), ValueError),
+        ((0, (64,)), ValueError),
+        ((0, 64, -2), ValueError),
+        ((1.5,), TypeError),
+    ],
+)
+def test_invalid_arguments_are_rejected(args, error):
+    with pytest.raises(error):
+        make_sample(*args)
+
+
+def test_masks_cover_a_plausible_fraction(samples):
+    fractions = np.array([s.mask.mean() for s in samples])
+    assert fractions.min() > 0.01
+    assert fractions.max() < 0.5
+
+
+def test_object_colour_differs_clearly_from_background(samples):
+    for s in samples:
+        pixels = _pixels(s)
+        gap = np.linalg.norm(pixels[s.mask].mean(axis=0) - pixels[~s.mask].mean(axis=0))
+        assert gap > 40, f"sample {s.label}: object blends into background (gap {gap:.1f})"
+
+
+def _agreement(pixels: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Share of mask-interior / background-interior pixels with the object's colour."""
+    close = np.linalg.norm(pixels - np.median(pixels[mask], axis=0), axis=-1) < 25
+    return float(close[_erode(mask)].mean()), float(close[_erode(~mask)].mean())
+
+
+def test_mask_matches_the_drawn_object(samples):
+    for s in samples:
+        inside, outside = _agreement(_pixels(s), s.mask)
+        assert inside > 0.95 and outside < 0.05, (inside, outside)
+    # The check has teeth: a mask shifted by 3 pixels fails it.
+    shifted = [_agreement(_pixels(s), np.roll(s.mask, 3, axis=1))[0] for s in samples]
+    assert np.mean(shifted) < 0.9
+
+
+def test_mask_is_exactly_the_pixels_at_least_half_covered(monkeypatch):
+    # On a flat background without noise, each pixel's colour tells how much of
+    # it the object covers, so the mask can be checked pixel by pixel.
+    flat = np.array([20.0, 40.0, 60.0], dtype=np.float32)
+    monkeypatch.setattr(
+        synthetic, "_background", lambda rng, w, h: ("flat", np.tile(flat, (h, w, 1)))
+    )
+    monkeypatch.setattr(synthetic, "_PIXEL_NOISE_RANGE", (0.0, 0.0))
+    for i in range(2 * len(CLASSES)):
+        s = make_sample(i, (56, 48))
+        pixels = _pixels(s)
+        colour = np.median(pixels[_erode(s.mask)], axis=0)
+        coverage = (pixels - flat) @ (colour - flat) / np.sum((colour - flat) ** 2)
+        clear = np.abs(coverage - 0.5) > 0.05  # rounding to uint8 blurs the exact threshold
+        assert np.array_equal(s.mask[clear], coverage[clear] > 0.5), s.class_name
+        assert ((coverage > 0.05) & (coverage < 0.95)).any(), "edges should be antialiased"
+
+
+def test_only_rings_have_a_hole_in_the_middle(samples):
+    inside = [s for s in samples if not (s.mask[[0, -1]].any() or s.mask[:, [0, -1]].any())]
+    assert len(inside) > N_STATS // 2
+    for s in inside:
+        rows, cols = np.nonzero(s.mask)
+        centre = s.mask[(rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2]
+        assert centre == (s.class_name != "ring"), s.class_name
+
+
+def test_every_class_appears_on_every_background(samples):
+    pairs = {(s.class_name, s.background) for s in samples}
+    assert pairs == {(c, b) for c in CLASSES for b in BACKGROUNDS}
+
+
+def test_colour_does_not_reveal_the_class(samples):
+    labels = np.array([s.label for s in samples])
+    object_rgb = np.array([_pixels(s)[s.mask].mean(axis=0) for s in samples])
+    image_rgb = np.array([_pixels(s).reshape(-1, 3).mean(axis=0) for s in samples])
+    chance = 1 / len(CLASSES)
+    assert _nearest_class_mean_accuracy(object_rgb, labels) < 2 * chance
+    assert _nearest_class_mean_accuracy(image_rgb, labels) < 2 * chance
+
+
+def test_shape_features_do_reveal_the_class(samples):
+    # Positive control for the classifier above: geometry must be learnable.
+    def features(mask):
+        rows, cols = np.nonzero(mask)
+        box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+        edges = (mask[1:] != mask[:-1]).sum() + (mask[:, 1:] != mask[:, :-1]).sum()
+        return [mask.sum() / box, edges**2 / mask.sum()]
+
+    labels = np.array([s.label for s in samples])
+    geometry = np.array([features(s.mask) for s in samples], dtype=np.float64)
+    assert _nearest_class_mean_accuracy(geometry, labels) > 0.5
+
+
+def test_synthetic_dataset_indexing_and_transform():
+    dataset = SyntheticShapes(5, size=(40, 24), seed=2, transform=lambda im: im.size)
+    assert len(dataset) == 5
+    assert dataset.classes == CLASSES
+    assert dataset[1] == ((40, 24), 1)
+    assert dataset.sample(-1).image.tobytes() == make_sample(4, (40, 24), 2).image.tobytes()
+    with pytest.raises(IndexError):
+        dataset[5]
+    assert len(list(dataset)) == 5
+    plain_image, _ = SyntheticShapes(1, size=32)[0]
+    assert isinstance(plain_image, Image.Image)
+
+
+# --- writing and reading folders ------------------------------------------------
+
+
+def test_write_dataset_round_trips_through_image_folder(tmp_path):
+    n, size = 2 * len(CLASSES), 32
+    root = write_dataset(tmp_path / "shapes", n, size=size, seed=5)
+    assert root == tmp_path / "shapes"
+    assert mask_root(root) == (tmp_path / "shapes-masks").resolve()
+    folder = ImageFolder(root)
+    assert folder.classes == CLASSES
+    assert len(folder) == n
+    for path, label in folder.samples:
+        index = int(path.stem)
+        expected = make_sample(index, size, seed=5)
+        assert path == root / expected.class_name / f"{index:06d}.png"
+        assert label == expected.label
+        assert load_image(path).tobytes() == expected.image.tobytes()
+        mask = np.asarray(Image.open(mask_root(root) / expected.class_name / path.name))
+        assert set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask == 255, expected.mask)
+    image, label = folder[0]
+    assert image.mode == "RGB" and label == 0
+
+
+def test_write_dataset_without_masks_and_refusing_non_empty_root(tmp_path):
+    root = write_dataset(tmp_path / "plain", 3, size=16, masks=False, progress=False)
+    assert not mask_root(root).exists()
+    assert len(ImageFolder(root)) == 3
+    with pytest.raises(FileExistsError):
+        write_dataset(root, 3, size=16, progress=False)
+
+
+def _save(path, size=(8, 6), colour=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_unlabelled_folder_ignores_hidden_and_non_image_files(tmp_path):
+    for name in ["b.png", "a.JPG", "c.bmp", ".hidden.png"]:
+        _save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    _save(tmp_path / ".cache" / "x.png")
+    folder = ImageFolder(tmp_path, transform=lambda im: im.mode)
+    assert folder.classes == ()
+    assert [p.name for p, _ in folder.samples] == ["a.JPG", "b.png", "c.bmp"]
+    assert [folder[i] for i in range(len(folder))] == [("RGB", -1)] * 3
+
+
+def test_labelled_folder_uses_sorted_class_folders(tmp_path):
+    _save(tmp_path / "dog" / "2.png")
+    _save(tmp_path / "dog" / "nested" / "1.png")
+    _save(tmp_path / "cat" / "1.webp")
+    _save(tmp_path / "cat" / ".ds.png")
+    _save(tmp_path / ".trash" / "1.png")
+    (tmp_path / "empty").mkdir()
+    folder = ImageFolder(tmp_path)
+    assert folder.classes == ("cat", "dog")
+    relative = [(p.relative_to(tmp_path).as_posix(), label) for p, label in folder.samples]
+    assert relative == [("cat/1.webp", 0), ("dog/2.png", 1), ("dog/nested/1.png", 1)]
+
+
+def test_load_image_applies_exif_orientation_and_converts_to_rgb(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("L", (40, 20), 128).save(path, exif=exif)
+    image = load_image(path)
+    assert image.size == (20, 40)
+    assert image.mode == "RGB"
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "missing")
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a folder"):
+        ImageFolder(tmp_path / "file.png")
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolder(empty)
+    mixed = tmp_path / "mixed"
+    _save(mixed / "loose.png")
+    _save(mixed / "cls" / "a.png")
+    with pytest.raises(ValueError, match="class sub-folder"):
+        ImageFolder(mixed)
+
+
+# --- dataset specs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "n", "size", "seed"),
+    [
+        ("synthetic:10", 10, (128, 128), 0),
+        ("synthetic:10:64", 10, (64, 64), 0),
+        ("synthetic:3:64x32:7", 3, (64, 32), 7),
+    ],
+)
+def test_open_dataset_parses_synthetic_specs(spec, n, size, seed):
+    transform = lambda im: im  # noqa: E731
+    dataset = open_dataset(spec, transform=transform)
+    assert isinstance(dataset, SyntheticShapes)
+    assert (len(dataset), dataset.size, dataset.seed) == (n, size, seed)
+    assert dataset.transform is transform
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "synthetic",
+        "synthetic:",
+        "synthetic:abc",
+        "synthetic:0",
+        "synthetic:-1",
+        "synthetic:5:64:1:2",
+        "synthetic:5:x32",
+        "synthetic:5:8",
+    ],
+)
+def test_open_dataset_rejects_malformed_synthetic_specs(spec):
+    with pytest.raises(ValueError, match="spec"):
+        open_dataset(spec)
+
+
+def test_open_dataset_opens_other_specs_as_folders(tmp_path):
+    _save(tmp_path / "x.png")
+    dataset = open_dataset(str(tmp_path))
+    assert isinstance(dataset, ImageFolder) and len(dataset) == 1
+    with pytest.raises(FileNotFoundError):
+        open_dataset(str(tmp_path / "nope"))
+
+
+def test_importing_needs_neither_torch_nor_tqdm():
+    code = "import sys, training.data; print(sorted({'torch', 'tqdm'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

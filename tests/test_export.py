@@ -1,0 +1,108 @@
+"""``dinoserve export`` writes a bundle per DESIGN.md contract 1 whose ONNX outputs equal the PyTorch
+backbone: embedding = final-norm CLS, attention = last block's CLS→patch softmax attention, patch tokens."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from training.checkpoint import sha256_file
+from training.export import load_backbone
+from training.models import build_backbone
+
+
+@pytest.fixture(scope="module")
+def reference(trained_run):
+    spec, _, weights = load_backbone(trained_run / "checkpoint.pth", "teacher")
+    vit = build_backbone(spec)
+    vit.load_state_dict(weights)
+    return vit.eval()
+
+
+@pytest.fixture(scope="module")
+def session(bundle):
+    return ort.InferenceSession(str(bundle / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def last_self_attention(vit, x):
+    """Official ``get_last_selfattention(x)[:, :, 0, 1:]``, recomputed from the last block's weights."""
+    captured = {}
+    handle = vit.blocks[-1].norm1.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+    with torch.no_grad():
+        vit(x)
+    handle.remove()
+    tokens = captured["x"].numpy().astype(np.float64)
+    attn_mod = vit.blocks[-1].attn
+    w, b = attn_mod.qkv.weight.detach().numpy(), attn_mod.qkv.bias.detach().numpy()
+    qkv = tokens @ w.T + b
+    B, N, _ = qkv.shape
+    heads, hd = attn_mod.num_heads, attn_mod.head_dim
+    q, k, _ = qkv.reshape(B, N, 3, heads, hd).transpose(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    return attn[:, :, 0, 1:]
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (3, 3, 240, 320), (2, 3, 64, 48)])
+def test_onnx_outputs_equal_the_pytorch_backbone(reference, session, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    embedding, attention, patch_tokens = session.run(
+        ["embedding", "attention", "patch_tokens"], {"pixel_values": x.numpy()}
+    )
+    with torch.no_grad():
+        cls = reference(x).numpy()
+        tokens = reference.forward_features(x)[:, 1:].numpy()
+    grid = (shape[2] // 16) * (shape[3] // 16)
+    assert embedding.shape == (shape[0], 96)
+    assert attention.shape == (shape[0], 2, grid)
+    assert patch_tokens.shape == (shape[0], grid, 96)
+    np.testing.assert_allclose(embedding, cls, atol=1e-4)
+    np.testing.assert_allclose(patch_tokens, tokens, atol=1e-4)
+    np.testing.assert_allclose(attention, last_self_attention(reference, x), atol=1e-5)
+    # CLS→patch attention excludes CLS→CLS, so each head's row sums to less than one.
+    assert np.all(attention.sum(-1) < 1.0) and np.all(attention >= 0)
+
+
+def test_bundle_files_follow_the_contract(bundle, trained_run):
+    assert (bundle / "1" / "model.onnx").is_file()
+    config = (bundle / "config.pbtxt").read_text()
+    assert 'name: "tiny"' in config and 'platform: "onnxruntime_onnx"' in config
+    assert "dynamic_batching" in config and "max_batch_size: 64" in config
+    assert 'name: "pixel_values" data_type: TYPE_FP32 dims: [ 3, -1, -1 ]' in config
+
+    card = json.loads((bundle / "dinoserve.json").read_text())
+    assert card["format_version"] == 1 and card["name"] == "tiny" and card["method"] == "dino"
+    assert (card["arch"], card["patch_size"], card["embed_dim"], card["num_heads"]) == ("vit_nano", 16, 96, 2)
+    assert card["preprocess"] == {"resize": 256, "crop": 224, "interpolation": "bicubic",
+                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert card["segmentation"]["size"] == 480
+    assert {k: v["name"] for k, v in card["outputs"].items()} == {
+        "embedding": "embedding", "attention": "attention", "patch_tokens": "patch_tokens"}
+    assert card["inputs"]["pixel_values"]["name"] == "pixel_values"
+    assert card["source"]["sha256"] == sha256_file(trained_run / "checkpoint.pth")
+    assert card["source"]["checkpoint_key"] == "teacher"
+
+
+def test_onnx_graph_has_dynamic_batch_height_and_width(session):
+    (inp,) = session.get_inputs()
+    assert inp.name == "pixel_values"
+    assert all(isinstance(d, str) for d in (inp.shape[0], inp.shape[2], inp.shape[3]))
+
+
+def test_student_and_teacher_weights_differ_and_export_picks_the_requested_one(trained_run):
+    _, _, teacher = load_backbone(trained_run / "checkpoint.pth", "teacher")
+    _, _, student = load_backbone(trained_run / "checkpoint.pth", "student")
+    _, _, slim = load_backbone(trained_run / "teacher_backbone.pth")
+    assert teacher.keys() == student.keys() == slim.keys()
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    assert all(torch.equal(teacher[k], slim[k]) for k in teacher)
+
+
+def test_export_refuses_a_file_that_is_not_a_dinoserve_checkpoint(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not a dinoserve checkpoint"):
+        load_backbone(path)

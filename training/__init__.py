@@ -1,0 +1,1 @@
+"""dinoserve training: ViT backbones, DINO objective, trainer, checkpoints and export (torch side)."""

@@ -1,0 +1,273 @@
+"""Deterministic synthetic images of labelled shapes with exact object masks.
+
+Each sample is a pure function of ``(index, size, seed)``: one filled shape
+(the class) at a random scale, rotation and position, on a gradient, noise,
+stripe or checker background, plus mild pixel noise. Object and background
+colours are drawn from the same class-independent distribution, so only the
+geometry tells the classes apart.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import pathlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Alphabetical, so that the labels ImageFolder assigns (sorted sub-folder
+# names) to a dataset written by write_dataset equal the generator's labels.
+CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "triangle")
+BACKGROUNDS: tuple[str, ...] = ("gradient", "noise", "stripes", "checker")
+
+MIN_SIDE = 16  # below this the smallest shapes shrink to a handful of pixels
+_SUPERSAMPLE = 4  # per axis; coverage is counted on this finer grid
+_SCALE_RANGE = (0.25, 0.70)  # object diameter as a fraction of the shorter side
+_RING_INNER_RANGE = (0.45, 0.65)  # ring hole radius / outer radius
+_MIN_MEAN_DISTANCE = 60.0  # RGB distance, object colour vs mean background
+_MIN_PIXEL_DISTANCE = 40.0  # RGB distance, object colour vs most background pixels
+_COLOUR_TRIES = 64
+_PIXEL_NOISE_RANGE = (2.0, 6.0)  # std of the added Gaussian noise, in 0..255 units
+
+Size = int | tuple[int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticSample:
+    """One generated image; ``mask`` is True on the object's pixels."""
+
+    image: Image.Image
+    label: int
+    class_name: str
+    mask: np.ndarray
+    background: str
+
+
+def parse_size(size: Size | Sequence[int]) -> tuple[int, int]:
+    """Return ``(width, height)`` for an int (square) or a (width, height) pair."""
+    if isinstance(size, bool):
+        raise TypeError(f"size must be an int or a (width, height) pair, not {size!r}")
+    if isinstance(size, Sequence):
+        if len(size) != 2:
+            raise ValueError(f"size must be an int or a (width, height) pair, not {size!r}")
+        width, height = (operator.index(v) for v in size)
+    else:
+        width = height = operator.index(size)
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(f"image sides must be at least {MIN_SIDE} pixels, got {width}x{height}")
+    return width, height
+
+
+def _regular_polygon(count: int, radius: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
+    angles = phase + 2 * math.pi * np.arange(count) / count
+    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def _outline(class_name: str, ring_inner: float) -> list[tuple[np.ndarray, int]]:
+    """Polygons ``(points, inside)`` of a shape with circumradius 1, drawn in order."""
+    if class_name == "circle":
+        return [(_regular_polygon(180), 1)]
+    if class_name == "ring":
+        return [(_regular_polygon(180), 1), (_regular_polygon(180, ring_inner), 0)]
+    if class_name == "square":
+        return [(_regular_polygon(4, phase=math.pi / 4), 1)]
+    if class_name == "triangle":
+        return [(_regular_polygon(3), 1)]
+    if class_name == "star":
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        return [(_regular_polygon(10) * radii[:, None], 1)]
+    if class_name == "cross":
+        a = 0.3  # half the arm width
+        quarter = np.array([(a, -1.0), (a, -a), (1.0, -a)])
+        quarter_turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+        points = np.concatenate(
+            [quarter @ np.linalg.matrix_power(quarter_turn, k).T for k in range(4)]
+        )
+        return [(points / math.hypot(1, a), 1)]
+    raise ValueError(f"unknown class {class_name!r}")
+
+
+def _coverage(polygons: list[tuple[np.ndarray, int]], width: int, height: int) -> np.ndarray:
+    """Fraction (multiple of 1/16) of each pixel covered by the polygons."""
+    s = _SUPERSAMPLE
+    canvas = Image.new("L", (width * s, height * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    for points, inside in polygons:
+        # PIL puts integer coordinates at sub-pixel centres; shift so that
+        # continuous coordinate x maps onto pixel [floor(x), floor(x) + 1).
+        fine = points * s - 0.5
+        draw.polygon([(float(x), float(y)) for x, y in fine], fill=s * s * inside)
+    # Each sub-pixel holds s*s or 0, so the block average is the exact count.
+    counts = np.asarray(canvas.reduce(s), dtype=np.float32)
+    return counts / (s * s)
+
+
+def _smooth_noise(rng: np.random.Generator, width: int, height: int, cell: float) -> np.ndarray:
+    """Blurred uniform noise with features about ``cell`` pixels wide."""
+    grid_w = max(2, math.ceil(width / cell) + 1)
+    grid_h = max(2, math.ceil(height / cell) + 1)
+    grid = Image.fromarray(rng.random((grid_h, grid_w), dtype=np.float32))
+    return np.asarray(grid.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> tuple[str, np.ndarray]:
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    period = max(2.0, rng.uniform(0.06, 0.2) * min(width, height))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    u = xx * math.cos(angle) + yy * math.sin(angle)
+    v = yy * math.cos(angle) - xx * math.sin(angle)
+    if kind == "gradient":
+        t = u
+    elif kind == "stripes":
+        t = np.floor(u / period) % 2
+    elif kind == "checker":
+        t = (np.floor(u / period) + np.floor(v / period)) % 2
+    else:
+        coarse = _smooth_noise(rng, width, height, rng.uniform(0.12, 0.35) * min(width, height))
+        fine = _smooth_noise(rng, width, height, rng.uniform(1.5, 4.0))
+        t = 0.65 * coarse + 0.35 * fine
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    return kind, colours[0] + t[..., None] * (colours[1] - colours[0])
+
+
+def _object_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """A uniform random colour, redrawn until it stands out from the background."""
+    step = max(1, int(math.sqrt(background.shape[0] * background.shape[1] / 4096)))
+    pixels = background[::step, ::step].reshape(-1, 3)
+    mean = background.reshape(-1, 3).mean(axis=0)
+    best, best_score = None, -1.0
+    for _ in range(_COLOUR_TRIES):
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        to_mean = float(np.linalg.norm(colour - mean))
+        to_pixels = float(np.percentile(np.linalg.norm(pixels - colour, axis=1), 5))
+        score = min(to_mean / _MIN_MEAN_DISTANCE, to_pixels / _MIN_PIXEL_DISTANCE)
+        if score >= 1.0:
+            return colour
+        if score > best_score:
+            best, best_score = colour, score
+    return best
+
+
+def make_sample(index: int, size: Size = 128, seed: int = 0) -> SyntheticSample:
+    """Generate sample ``index``; the class is ``index % len(CLASSES)``.
+
+    ``size`` is an int (square) or ``(width, height)``. The result depends only
+    on ``(index, size, seed)``, byte for byte.
+    """
+    index, seed = operator.index(index), operator.index(seed)
+    if index < 0 or seed < 0:
+        raise ValueError(f"index and seed must be non-negative, got {index} and {seed}")
+    width, height = parse_size(size)
+    rng = np.random.default_rng([seed, index])
+    label = index % len(CLASSES)
+
+    kind, background = _background(rng, width, height)
+    colour = _object_colour(rng, background)
+    radius = rng.uniform(*_SCALE_RANGE) * min(width, height) / 2
+    angle = rng.uniform(0, 2 * math.pi)
+    # Every shape fits its circumcircle; letting at most 10% of the radius
+    # leave the frame keeps objects "mostly inside" without cutting them up.
+    margin = 0.9 * radius
+    centre = np.array([rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)])
+    # Drawn for every class, so that no later draw depends on the class.
+    ring_inner = rng.uniform(*_RING_INNER_RANGE)
+    noise_std = rng.uniform(*_PIXEL_NOISE_RANGE)
+
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    polygons = [
+        (points @ rotation.T * radius + centre, inside)
+        for points, inside in _outline(CLASSES[label], ring_inner)
+    ]
+    coverage = _coverage(polygons, width, height)
+    alpha = coverage[..., None]
+    pixels = background * (1 - alpha) + colour * alpha
+    pixels += noise_std * rng.standard_normal(size=pixels.shape, dtype=np.float32)
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return SyntheticSample(image, label, CLASSES[label], coverage >= 0.5, kind)
+
+
+class SyntheticShapes:
+    """Map-style dataset of ``n`` synthetic samples; items are ``(image, label)``."""
+
+    classes: tuple[str, ...] = CLASSES
+
+    def __init__(
+        self,
+        n: int,
+        size: Size = 128,
+        seed: int = 0,
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        self.n = operator.index(n)
+        self.seed = operator.index(seed)
+        if self.n < 0 or self.seed < 0:
+            raise ValueError(f"n and seed must be non-negative, got {self.n} and {self.seed}")
+        self.size = parse_size(size)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, i: int) -> SyntheticSample:
+        i = operator.index(i)
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} samples")
+        return make_sample(i, self.size, self.seed)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        sample = self.sample(i)
+        image = self.transform(sample.image) if self.transform else sample.image
+        return image, sample.label
+
+
+def mask_root(root: str | pathlib.Path) -> pathlib.Path:
+    """Directory write_dataset puts masks in: the sibling ``<root>-masks``."""
+    resolved = pathlib.Path(root).resolve()
+    return resolved.with_name(resolved.name + "-masks")
+
+
+def write_dataset(
+    root: str | pathlib.Path,
+    n: int,
+    size: Size = 128,
+    seed: int = 0,
+    masks: bool = True,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Write ``root/<class>/<index:06d>.png`` (and 0/255 masks under mask_root).
+
+    The mask directory is a sibling rather than a sub-folder so that ImageFolder
+    does not mistake it for a class. Refuses non-empty target directories, as
+    leftovers from an earlier run would silently join the dataset.
+    """
+    root = pathlib.Path(root)
+    dataset = SyntheticShapes(n, size, seed)
+    targets = [root] + ([mask_root(root)] if masks else [])
+    for target in targets:
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f"{target} is not empty; remove it or choose another root")
+    indices: Any = range(len(dataset))
+    if progress:
+        # Imported here so that the module itself needs only numpy and Pillow.
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=f"writing {root}", unit="img")
+    for i in indices:
+        sample = dataset.sample(i)
+        name = f"{i:06d}.png"
+        image_dir = root / sample.class_name
+        image_dir.mkdir(parents=True, exist_ok=True)
+        sample.image.save(image_dir / name)
+        if masks:
+            mask_dir = mask_root(root) / sample.class_name
+            mask_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(sample.mask.astype(np.uint8) * 255).save(mask_dir / name)
+    return root
