@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 from contextlib import asynccontextmanager
 
@@ -12,23 +11,21 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .errors import ApiError, bad_request, too_large, unsupported_media
+from .errors import ApiError, too_large
 from .images import decode_image, preprocess
 from .model_card import ModelCard
+from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate
 from .schemas import Embedding, EmbeddingsRequest, EmbeddingsResponse, ErrorResponse
+from .segment_api import segment_router
 from .settings import Settings
 from .triton_backend import TritonBackend
 
 log = logging.getLogger(__name__)
-
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503, 504)}
-
 
 def _multipart_or_json(model) -> dict:
     """OpenAPI request body for endpoints that take JSON or multipart ``images`` file parts."""
@@ -51,60 +48,24 @@ class ImageRequest:
 
     @classmethod
     async def read(cls, request: Request, settings: Settings) -> "ImageRequest":
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            raise too_large(f"request body is {length} bytes; the limit is {settings.max_request_bytes}")
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            return await cls._from_multipart(request, settings)
-        if content_type in ("application/json", ""):
-            return await cls._from_json(request, settings)
-        raise unsupported_media(f"content type {content_type!r}: send application/json or multipart/form-data")
-
-    @classmethod
-    async def _from_json(cls, request: Request, settings: Settings) -> "ImageRequest":
-        body = await request.body()
-        if len(body) > settings.max_request_bytes:
-            raise too_large(f"request body is larger than {settings.max_request_bytes} bytes")
-        try:
-            parsed = EmbeddingsRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise ApiError(422, "validation_error", _describe(exc)) from None
+        if body_kind(request, settings) == "multipart":
+            form = await read_form(request, max_files=settings.max_images_per_request + 1)
+            files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+            if not files:
+                raise ApiError(422, "validation_error", "multipart body has no file parts named 'images'")
+            cls._check_count(len(files), settings)
+            options = {k: v for k, v in form.items() if k != "images"}
+            parsed = validate(EmbeddingsRequest, {"images": [{"data": ""}], **options})
+            return cls([await f.read() for f in files], parsed.model_dump(exclude={"images"}))
+        parsed = await read_json(request, settings, EmbeddingsRequest)
         cls._check_count(len(parsed.images), settings)
-        images = []
-        for i, item in enumerate(parsed.images):
-            try:
-                images.append(base64.b64decode(item.data, validate=True))
-            except (binascii.Error, ValueError):
-                raise bad_request(f"images[{i}].data is not valid base64", code="invalid_base64") from None
-        return cls(images, parsed.model_dump(exclude={"images"}))
-
-    @classmethod
-    async def _from_multipart(cls, request: Request, settings: Settings) -> "ImageRequest":
-        try:
-            form = await request.form(max_files=settings.max_images_per_request + 1)
-        except Exception as exc:  # the multipart parser raises several types for malformed bodies
-            raise bad_request(f"malformed multipart body: {exc}") from None
-        files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
-        if not files:
-            raise ApiError(422, "validation_error", "multipart body has no file parts named 'images'")
-        cls._check_count(len(files), settings)
-        images = [await f.read() for f in files]
-        options = {k: v for k, v in form.items() if k != "images"}
-        try:
-            parsed = EmbeddingsRequest.model_validate({"images": [{"data": ""}], **options})
-        except ValidationError as exc:
-            raise ApiError(422, "validation_error", _describe(exc)) from None
+        images = [decode_base64(item.data, f"images[{i}].data") for i, item in enumerate(parsed.images)]
         return cls(images, parsed.model_dump(exclude={"images"}))
 
     @staticmethod
     def _check_count(count: int, settings: Settings) -> None:
         if count > settings.max_images_per_request:
             raise too_large(f"{count} images in one request; the limit is {settings.max_images_per_request}")
-
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -120,8 +81,9 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
     async def warm_up() -> None:
         spec = card.preprocess
         sample = np.zeros((1, 3, spec.crop, spec.crop), dtype=np.float32)
-        deadline = asyncio.get_running_loop().time() + settings.ready_timeout_s
-        while True:
+        loop = asyncio.get_running_loop()
+        next_warning = loop.time() + settings.ready_timeout_s
+        while True:  # an external Triton may come up after the gateway: keep trying
             try:
                 if await backend.is_ready():
                     await backend.infer(sample, ("embedding",))
@@ -129,10 +91,10 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
                     log.info("model %s answered its warm-up request; ready", card.name)
                     return
             except ApiError as exc:
-                log.warning("warm-up failed: %s", exc.message)
-            if asyncio.get_running_loop().time() > deadline:
-                log.error("model %s not ready after %.0f s", card.name, settings.ready_timeout_s)
-                return
+                log.debug("warm-up failed: %s", exc.message)
+            if loop.time() > next_warning:
+                log.warning("model %s is still not ready on Triton at %s", card.name, backend.url)
+                next_warning = loop.time() + settings.ready_timeout_s
             await asyncio.sleep(0.5)
 
     @asynccontextmanager
@@ -176,7 +138,7 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
         tensors = await asyncio.gather(*(run_in_threadpool(prepare, data) for data in images))
         return np.stack(tensors)
 
-    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS,
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES,
               openapi_extra=_multipart_or_json(EmbeddingsRequest), tags=["embeddings"])
     async def embeddings(request: Request) -> EmbeddingsResponse:
         """Embed one or more images: the CLS token after the final norm (DINO's k-NN feature)."""
@@ -208,4 +170,5 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
             ApiError(503, "not_ready", f"model {card.name} is not ready").body(), status_code=503
         )
 
+    app.include_router(segment_router(settings, card, backend))
     return app

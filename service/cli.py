@@ -1,7 +1,7 @@
-"""``dinoserve``: one command line for training, export and serving.
+"""``dinoserve``: one command line for training, export, evaluation and serving.
 
-``train`` and ``export`` need the ``train`` extra (torch); they are imported only when used, so the
-gateway image without torch still runs ``dinoserve serve``.
+``train``, ``export`` and ``eval-knn`` need the ``train`` extra (torch); they are imported only when
+used, so the gateway image without torch still runs ``dinoserve serve``.
 """
 
 from __future__ import annotations
@@ -71,6 +71,33 @@ def _add_export(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_eval_knn(sub) -> None:
+    p = sub.add_parser("eval-knn", help="weighted k-NN accuracy of a checkpoint or bundle",
+                       description="Classify labelled val images by their nearest train images in feature "
+                                   "space (DINO's weighted k-NN) and print top-1 / top-5 per k.")
+    p.add_argument("model", type=Path, metavar="MODEL_OR_CHECKPOINT",
+                   help="checkpoint.pth or teacher_backbone.pth from `dinoserve train`, or a model "
+                        "directory written by `dinoserve export` (run in onnxruntime)")
+    p.add_argument("--train", required=True,
+                   help="labelled images the neighbours are drawn from: a folder with class sub-folders "
+                        "or synthetic:N[:SIZE[:SEED]]")
+    p.add_argument("--val", required=True, help="labelled images to classify, same classes as --train")
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200],
+                   help="neighbour counts; 20 is the paper's headline, values above the number of train "
+                        "images are clamped to it (default: 10 20 100 200)")
+    p.add_argument("--temperature", type=float, default=0.07,
+                   help="T in the vote weight exp(cosine / T); lower trusts the closest neighbours more "
+                        "(default: 0.07, the paper's)")
+    p.add_argument("--checkpoint-key", choices=["teacher", "student"], default="teacher",
+                   help="which network of a training checkpoint; the papers report the teacher")
+    p.add_argument("--random-init", action="store_true",
+                   help="also evaluate the same architecture at random initialisation, the baseline "
+                        "that learning must beat")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="start the HTTP gateway (and an embedded Triton)",
                        description="Serve a model bundle over HTTP. Every option also reads DINOSERVE_<OPTION>.")
@@ -107,6 +134,19 @@ def _export(args) -> int:
     return 0
 
 
+def _eval_knn(args) -> int:
+    from training.evaluate import evaluate_knn
+
+    try:
+        report = evaluate_knn(args.model, args.train, args.val, args.k, args.temperature,
+                              args.checkpoint_key, args.seed if args.random_init else None,
+                              args.batch_size, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"dinoserve eval-knn: {error}") from None
+    print(report.table())
+    return 0
+
+
 def _serve(args) -> int:
     from service.server import serve
     from service.settings import Settings
@@ -120,13 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_export(sub)
+    _add_eval_knn(sub)
     _add_serve(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks stop Triton and nothing is left behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        return {"train": _train, "export": _export, "serve": _serve}[args.command](args)
+        handlers = {"train": _train, "export": _export, "eval-knn": _eval_knn, "serve": _serve}
+        return handlers[args.command](args)
     except KeyboardInterrupt:
         return 0
 

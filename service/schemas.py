@@ -41,3 +41,48 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class SegmentOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep_mass: float = Field(
+        0.6, gt=0, le=1,
+        description="Fraction of each attention map's mass the mask keeps (DINO's threshold; 0.6 in its paper).",
+    )
+    size: int | None = Field(
+        None,
+        description="Shorter side of the model input in pixels, from the patch size to 1024, rounded down "
+                    "to the patch size; default from the model card (480). Larger: finer masks, more cost.",
+    )
+    method: Literal["mean", "union"] = Field(
+        "mean", description="Combining heads: 'mean' thresholds the mean attention; 'union' keeps any head's patches.",
+    )
+    outputs: list[Literal["mask_png", "rle", "grid", "heads", "overlay"]] = Field(
+        default_factory=lambda: ["mask_png", "grid"],
+        description="What to return; each costs only when asked for. In multipart, comma-separated.",
+    )
+
+
+class SegmentRequest(SegmentOptions):
+    image: ImageData = Field(description="One image.")
+
+
+class RunLengthEncoding(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: list[int] = Field(description="COCO uncompressed RLE: column-major runs, starting with zeros.")
+
+
+class SegmentResponse(BaseModel):
+    width: int = Field(description="Width of the image (after EXIF orientation); masks have this size.")
+    height: int
+    input_size: list[int] = Field(description="[width, height] of the model input.")
+    grid: list[int] = Field(description="[h, w]: the patch grid.")
+    heads: int
+    keep_mass: float
+    method: str
+    mask_png: str | None = Field(None, description="Foreground mask, base64 PNG (mode L, 0 or 255), image size.")
+    rle: RunLengthEncoding | None = None
+    grid_mask: list[list[int]] | None = Field(None, description="Foreground mask on the patch grid, [h][w] of 0/1.")
+    grid_masks: list[list[list[int]]] | None = Field(None, description="Each head's mask, [heads][h][w] of 0/1.")
+    heads_png: list[str] | None = Field(None, description="Each head's attention heatmap, base64 PNG, image size.")
+    overlay_png: str | None = Field(None, description="Heatmap and mask contour over the photo, base64 PNG.")

@@ -22,7 +22,7 @@ class Settings:
     triton_grpc_port: int = 0
     triton_metrics_port: int = 0
     triton_timeout_s: float = 30.0
-    ready_timeout_s: float = 120.0  # how long start-up waits for the model to answer its warm-up
+    ready_timeout_s: float = 120.0  # warn when the model has not answered its warm-up for this long
     max_images_per_request: int = 64
     max_image_pixels: int = 40_000_000  # checked from the header, before decoding
     max_request_bytes: int = 64 * 1024 * 1024

@@ -1,5 +1,5 @@
-"""Shared fixtures: one tiny DINO run and its exported bundle, made once per test session through the
-real command line (``dinoserve train`` and ``dinoserve export``)."""
+"""Shared fixtures: one tiny DINO run, its exported bundle and a server of it, made once per test session
+through the real command line (``dinoserve train``, ``dinoserve export``, ``dinoserve serve``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from serving import Server
 
 BIN = Path(sys.executable).parent
 TINY_TRAIN = [
@@ -41,3 +42,14 @@ def bundle(trained_run, tmp_path_factory) -> Path:
     run_cli("export", str(trained_run / "checkpoint.pth"), "--repository", str(repository),
             "--name", "tiny", "--quiet")
     return repository / "tiny"
+
+
+@pytest.fixture(scope="session")
+def server(bundle, tmp_path_factory):
+    """`dinoserve serve` of the tiny bundle (embedded Triton + gateway), ready to answer."""
+    srv = Server(bundle, tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.losses import DINOLoss, teacher_temperature_schedule
-from training.schedules import cosine_schedule
+from training.schedules import cosine_scheduler
 
 
 def log_softmax(x):
@@ -62,7 +62,7 @@ def test_center_is_an_ema_of_the_teacher_batch_mean_and_is_subtracted_next_step(
 
 
 def test_cosine_schedule_warms_up_from_zero_and_decays_to_the_final_value():
-    schedule = cosine_schedule(1.0, 0.1, epochs=3, iters_per_epoch=4, warmup_epochs=1)
+    schedule = cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1)
     assert len(schedule) == 12
     np.testing.assert_allclose(schedule[:4], np.linspace(0, 1, 4))
     n = 8  # cosine part: value_i = final + (base - final) * (1 + cos(pi * i / n)) / 2

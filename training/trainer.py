@@ -24,7 +24,7 @@ from .checkpoint import BACKBONE_FORMAT, FORMAT_VERSION, FULL_FORMAT, atomic_sav
 from .data import open_dataset
 from .losses import DINOLoss
 from .models import BackboneSpec, DINOHead, MultiCropWrapper, build_backbone
-from .schedules import cosine_schedule
+from .schedules import cosine_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(_param_groups(student))
 
     iters = len(loader)
-    lr_schedule = cosine_schedule(cfg.lr * cfg.batch_size / 256.0, cfg.min_lr, cfg.epochs, iters,
+    lr_schedule = cosine_scheduler(cfg.lr * cfg.batch_size / 256.0, cfg.min_lr, cfg.epochs, iters,
                                   min(cfg.warmup_epochs, cfg.epochs))
-    wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, iters)
-    momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, iters)
+    wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, iters)
+    momentum_schedule = cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, iters)
 
     start_epoch = 0
     ckpt_path = out / "checkpoint.pth"

@@ -1,0 +1,80 @@
+"""``POST /v1/segment``: one image → foreground masks from the model's attention (``segmentation``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from .errors import ApiError
+from .images import decode_image
+from .model_card import ModelCard
+from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate
+from .schemas import SegmentOptions, SegmentRequest, SegmentResponse
+from .segmentation import model_input_size, render_outputs, segmentation_input
+from .settings import Settings
+from .triton_backend import TritonBackend
+
+FILE_FIELDS = ("image", "images")
+
+_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": SegmentRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary"},
+        "keep_mass": {"type": "number"},
+        "size": {"type": "integer"},
+        "method": {"type": "string", "enum": ["mean", "union"]},
+        "outputs": {"type": "string", "description": "comma-separated, e.g. mask_png,rle"},
+    }, "required": ["image"]}},
+}}}
+
+
+async def read_segment_request(request: Request, settings: Settings) -> tuple[bytes, SegmentOptions]:
+    """The image bytes and options, from JSON (base64 ``image.data``) or multipart (one file part named
+    ``image``, or ``images`` holding exactly one file, plus form fields)."""
+    if body_kind(request, settings) == "json":
+        parsed = await read_json(request, settings, SegmentRequest)
+        data = decode_base64(parsed.image.data, "image.data")
+        return data, SegmentOptions.model_validate(parsed.model_dump(exclude={"image"}))
+    form = await read_form(request, max_files=len(FILE_FIELDS))
+    files = [f for name in FILE_FIELDS for f in form.getlist(name) if isinstance(f, UploadFile)]
+    if len(files) != 1:
+        raise ApiError(422, "validation_error",
+                       f"multipart body needs exactly one file part named 'image'; it has {len(files)}")
+    options = {k: v for k, v in form.items() if k not in FILE_FIELDS}
+    if isinstance(options.get("outputs"), str):
+        options["outputs"] = [o.strip() for o in options["outputs"].split(",") if o.strip()]
+    return await files[0].read(), validate(SegmentOptions, options)
+
+
+def segment_router(settings: Settings, card: ModelCard, backend: TritonBackend) -> APIRouter:
+    """The router of ``POST /v1/segment``, for ``create_app`` to include."""
+    router = APIRouter()
+
+    @router.post("/v1/segment", response_model=SegmentResponse, response_model_exclude_none=True,
+                 responses=ERROR_RESPONSES, openapi_extra=_REQUEST_BODY, tags=["segmentation"])
+    async def segment(request: Request) -> SegmentResponse:
+        """Foreground masks from the last block's CLS attention (DINO's keep-60%-of-mass rule)."""
+        data, options = await read_segment_request(request, settings)
+        size = card.segmentation_size if options.size is None else options.size
+
+        def prepare():
+            img = decode_image(data, settings.max_image_pixels)
+            try:
+                input_size = model_input_size(*img.size, size, card.patch_size)
+            except ValueError as exc:
+                raise ApiError(422, "validation_error", str(exc)) from None
+            return img, input_size, segmentation_input(img, input_size, card.preprocess)
+
+        img, (width, height), pixels = await run_in_threadpool(prepare)
+        grid = (height // card.patch_size, width // card.patch_size)
+        attention = (await backend.infer(pixels[None], ("attention",)))["attention"][0]
+        body = await run_in_threadpool(
+            render_outputs, img, attention, grid, options.keep_mass, options.method, options.outputs
+        )
+        return SegmentResponse(
+            width=img.width, height=img.height, input_size=[width, height], grid=list(grid),
+            heads=attention.shape[0], keep_mass=options.keep_mass, method=options.method, **body,
+        )
+
+    return router

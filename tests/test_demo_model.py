@@ -1,0 +1,24 @@
+"""The committed demo checkpoint is what the README says: the teacher backbone of a `dinoserve train`
+run with demo/train.toml, loadable for export."""
+
+import tomllib
+from pathlib import Path
+
+import torch
+
+from training.export import load_backbone
+from training.models import build_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_checkpoint_is_the_teacher_backbone_of_the_documented_recipe():
+    recipe = tomllib.loads((ROOT / "demo" / "train.toml").read_text())
+    spec, method, weights = load_backbone(ROOT / "demo" / "dinoserve-demo.pth")
+    assert (method, spec.arch, spec.patch_size, spec.img_size) == (
+        recipe["method"], recipe["arch"], recipe["patch_size"], recipe["img_size"])
+    model = build_backbone(spec)
+    model.load_state_dict(weights)  # strict: every key present, none extra
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, spec.embed_dim)
+    assert (ROOT / "demo" / "dinoserve-demo.pth").stat().st_size < 25 * 1024 * 1024
