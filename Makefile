@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 DINOSERVE_PORT ?= 8080
 PORT ?= $(DINOSERVE_PORT)
 HOST ?= 127.0.0.1
-REPOSITORY ?= model_repository
+# The demo bundle is committed (exported from demo/dinoserve-demo.pth), so `make serve` needs no export.
+REPOSITORY ?= demo/model_repository
 MODEL ?= dinoserve-demo
 DEMO_CHECKPOINT := demo/dinoserve-demo.pth
 BUNDLE := $(REPOSITORY)/$(MODEL)/1/model.onnx
@@ -17,9 +18,14 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# torch and torchvision (pinned once, in pyproject.toml) go in first and alone: resolved together with
+# everything else they take minutes longer. No byte-compiling: Python compiles what it imports.
+TORCH_PINS := $(shell grep -oE '"torch(vision)?==[0-9.]+"' pyproject.toml | tr -d '"')
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	$(BIN)/python -m pip install --quiet --no-compile $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[all,test]'
 	@touch $@
 
 test: $(STAMP)
@@ -27,16 +33,17 @@ test: $(STAMP)
 
 bundle: $(BUNDLE)
 
-$(BUNDLE): $(DEMO_CHECKPOINT) | $(STAMP)
+$(BUNDLE): | $(STAMP)
 	$(BIN)/dinoserve export $(DEMO_CHECKPOINT) --repository $(REPOSITORY) --name $(MODEL)
 
 serve: $(STAMP) $(BUNDLE)
 	$(BIN)/dinoserve serve --repository $(REPOSITORY) --model $(MODEL) --host $(HOST) --port $(PORT)
 
-# Rebuilds the committed demo checkpoint exactly as described in the README.
+# Rebuilds the committed demo checkpoint and bundle exactly as described in the README.
 demo-model: $(STAMP)
 	$(BIN)/dinoserve train --config demo/train.toml --output runs/demo
 	cp runs/demo/teacher_backbone.pth $(DEMO_CHECKPOINT)
+	$(BIN)/dinoserve export $(DEMO_CHECKPOINT) --repository demo/model_repository --name dinoserve-demo
 
 clean:
 	rm -rf $(REPOSITORY) runs .pytest_cache

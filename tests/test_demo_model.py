@@ -1,6 +1,8 @@
 """The committed demo checkpoint is what the README says: the teacher backbone of a `dinoserve train`
 run with demo/train.toml, loadable for export."""
 
+import hashlib
+import json
 import tomllib
 from pathlib import Path
 
@@ -22,3 +24,11 @@ def test_demo_checkpoint_is_the_teacher_backbone_of_the_documented_recipe():
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 224, 224)).shape == (1, spec.embed_dim)
     assert (ROOT / "demo" / "dinoserve-demo.pth").stat().st_size < 25 * 1024 * 1024
+
+
+def test_committed_demo_bundle_was_exported_from_the_committed_checkpoint():
+    bundle = ROOT / "demo" / "model_repository" / "dinoserve-demo"
+    card = json.loads((bundle / "dinoserve.json").read_text())
+    digest = hashlib.sha256((ROOT / "demo" / "dinoserve-demo.pth").read_bytes()).hexdigest()
+    assert card["source"]["sha256"] == digest
+    assert card["name"] == "dinoserve-demo" and (bundle / "1" / "model.onnx").is_file()
