@@ -74,12 +74,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_center = teacher_output.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(len(teacher_output)), device=teacher_output.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            dist.all_reduce(count)
-        batch_center = batch_center / count
+        batch_center = _all_reduce_mean(teacher_output.sum(dim=0, keepdim=True), len(teacher_output))
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
 
