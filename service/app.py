@@ -16,6 +16,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .collections import open_store
+from .collections_api import collections_router
 from .errors import ApiError, too_large
 from .images import decode_image, preprocess
 from .model_card import ModelCard
@@ -99,12 +101,14 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.store = await run_in_threadpool(open_store, settings.vector_store, settings.data_dir)
         task = asyncio.create_task(warm_up())
         try:
             yield
         finally:
             task.cancel()
             await backend.close()
+            await run_in_threadpool(app.state.store.close)
 
     app = FastAPI(
         title="dinoserve",
@@ -171,4 +175,5 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
         )
 
     app.include_router(segment_router(settings, card, backend))
+    app.include_router(collections_router(settings, card, backend))
     return app

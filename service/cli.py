@@ -13,7 +13,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from training.config import TrainConfig
+from service.index_cli import add_index_parser, run_index
+from training.config import PRESETS, TrainConfig, read_options
 
 TRAIN_HELP = {
     "method": "self-supervised objective",
@@ -33,12 +34,29 @@ TRAIN_HELP = {
     "drop_path_rate": "stochastic depth of the student",
     "local_crops_number": "small crops per image; the student must match the teacher's global views from them",
     "num_workers": "data-loading processes; augmentation is CPU-heavy",
+    "patch_out_dim": "iBOT: prototypes for the patch tokens",
+    "shared_head": "iBOT: CLS and patch tokens share their prototypes (the official ViT-S/B recipes do)",
+    "pred_ratio": "iBOT: masking ratios, one drawn per global crop; '0 0.3' masks half of the crops",
+    "pred_ratio_var": "iBOT: +/- range around each masking ratio",
+    "pred_start_epoch": "iBOT: epoch from which crops are masked and the patch loss warms up",
+    "device": "auto (CUDA when available), cpu, cuda, cuda:N",
+    "precision": "auto: bf16 autocast on GPUs (fp16 with a grad scaler where bf16 is missing), fp32 on CPU",
+    "saveckp_freq": "also keep checkpoint<epochs done>.pth every N epochs (0: only checkpoint.pth)",
+    "resume": "checkpoint.pth to continue from (default: the output directory's, when it exists)",
+    "tensorboard": "write TensorBoard events to RUN_DIR/tensorboard (needs the tensorboard package)",
+    "knn_every": "run a k-NN monitor of the teacher every N epochs on --knn-train / --knn-val (0: off)",
+    "knn_size": "crop size of the k-NN monitor's evaluation transform (0: the global crop size)",
 }
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a ViT with DINO", description="Train a ViT backbone with DINO.")
-    p.add_argument("--config", type=Path, help="JSON or TOML file of options; command-line options win")
+    p = sub.add_parser("train", help="train a ViT with DINO or iBOT",
+                       description="Train a ViT backbone with DINO or iBOT, in one process or under torchrun "
+                                   "(DDP: NCCL on GPUs, gloo on CPUs). Options: preset < config file < "
+                                   "command line.")
+    p.add_argument("--config", type=Path, help="JSON, TOML or YAML file of options; command-line options win")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the official recipe of a released model (per-process batch; the papers used 16-32 GPUs)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -46,6 +64,8 @@ def _add_train(sub) -> None:
                   "default": None}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name in ("pred_ratio", "pred_ratio_var"):
+            kwargs.update(nargs="+", type=float)
         elif isinstance(default, tuple):
             kwargs.update(nargs=2, type=float, metavar=("MIN", "MAX"))
         else:
@@ -55,19 +75,34 @@ def _add_train(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="checkpoint → Triton model bundle",
-                       description="Export a checkpoint to a Triton model-repository entry with a model card.")
-    p.add_argument("checkpoint", type=Path, help="checkpoint.pth or teacher_backbone.pth from `dinoserve train`")
+    p = sub.add_parser("export", help="checkpoint or hub name → Triton model bundle",
+                       description="Export a DINO / iBOT / timm ViT checkpoint to a Triton model-repository "
+                                   "entry with a model card; the architecture is read from the weights.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_HUB_NAME",
+                   help="our checkpoint.pth / teacher_backbone.pth, an official DINO or iBOT file (release or "
+                        "full training checkpoint), a timm ViT .pth / .safetensors, or a hub name downloaded "
+                        "once: dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, ibot_vits16, ibot_vitb16, "
+                        "ibot_vitl16")
     p.add_argument("--repository", type=Path, required=True, help="Triton model repository directory")
     p.add_argument("--name", required=True, help="model name (directory and Triton model name)")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="runtime format of the bundle")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
+                   help="onnx (any machine), or an FP16 TensorRT engine (needs tensorrt and an NVIDIA GPU)")
     p.add_argument("--checkpoint-key", choices=["teacher", "student"], default="teacher",
                    help="which network of a training checkpoint; the papers report the teacher")
+    p.add_argument("--num-heads", type=int,
+                   help="attention heads, for widths other than 192/384/768/1024 (3/6/12/16 heads)")
+    p.add_argument("--pos-interpolation", choices=["official", "timm"],
+                   help="position-embedding resize at other sizes: the official DINO/iBOT code's or timm's "
+                        "(default: official for DINO/iBOT files, timm for timm files and ours)")
+    p.add_argument("--method", choices=["dino", "ibot"],
+                   help="training method recorded in the model card (default: read from the file)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="where hub downloads are kept (default: $DINOSERVE_CACHE_DIR or ~/.cache/dinoserve)")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
     p.add_argument("--queue-delay-us", type=int, default=2000,
                    help="Triton dynamic batcher's max queue delay; trades latency for batch size")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the ONNX file in onnxruntime and compare with PyTorch")
+                   help="run the exported file at three sizes and compare with PyTorch; fail on a mismatch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -94,6 +129,9 @@ def _add_eval_knn(sub) -> None:
                    help="also evaluate the same architecture at random initialisation, the baseline "
                         "that learning must beat")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
+    p.add_argument("--size", type=int, default=224,
+                   help="crop size for checkpoints (resize size x 8/7, centre crop); use the training crop "
+                        "size for models trained on small crops; bundles use their model card (default: 224)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -107,29 +145,57 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default: 8080)")
     p.add_argument("--data-dir", type=Path, help="directory for persistent data (default: data)")
     p.add_argument("--triton-url", help="host:port of an external Triton's HTTP endpoint; embedded if unset")
+    p.add_argument("--vector-store", help="collections: 'embedded' (SQLite + FAISS in the data dir), "
+                                          "'qdrant://HOST:PORT' or 'qdrant-local' (default: embedded)")
     p.add_argument("--log-level", help="debug, info, warning, error (default: info)")
 
 
 def _train(args) -> int:
-    from training.trainer import train
+    from training.trainer import NonFiniteLossError, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    if args.config:
-        cfg = TrainConfig.from_file(args.config, overrides)
-    else:
-        cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = TrainConfig.build(args.preset, read_options(args.config) if args.config else None, overrides)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"dinoserve train: {error}") from None
     if not cfg.data:
         raise SystemExit("dinoserve train: --data is required (a folder or synthetic:N)")
-    out = train(cfg, progress=not args.quiet)
+    try:
+        out = train(cfg, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
+        raise SystemExit(f"dinoserve train: {error}") from None
     print(f"wrote {out / 'checkpoint.pth'} and {out / 'teacher_backbone.pth'}")
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="draw a run's training curves to a PNG",
+                       description="Plot loss, schedules and collapse indicators of a training run from its "
+                                   "metrics.csv (and k-NN accuracy from log.jsonl) into one PNG.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output directory of `dinoserve train`")
+    p.add_argument("--output", type=Path, help="PNG path (default: RUN_DIR/curves.png)")
+
+
+def _plot(args) -> int:
+    from training.plot import plot_run
+
+    try:
+        path = plot_run(args.run_dir, args.output)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"dinoserve plot: {error}") from None
+    print(f"wrote {path}")
     return 0
 
 
 def _export(args) -> int:
     from training.export import export_bundle
 
-    model_dir = export_bundle(args.checkpoint, args.repository, args.name, args.checkpoint_key,
-                              args.max_batch_size, args.queue_delay_us, args.verify, progress=not args.quiet)
+    try:
+        model_dir = export_bundle(args.checkpoint, args.repository, args.name, args.checkpoint_key,
+                                  args.max_batch_size, args.queue_delay_us, args.verify, not args.quiet,
+                                  args.format, args.num_heads, args.pos_interpolation, args.method, args.cache_dir)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise SystemExit(f"dinoserve export: {error}") from None
     print(f"wrote {model_dir}")
     return 0
 
@@ -140,7 +206,7 @@ def _eval_knn(args) -> int:
     try:
         report = evaluate_knn(args.model, args.train, args.val, args.k, args.temperature,
                               args.checkpoint_key, args.seed if args.random_init else None,
-                              args.batch_size, progress=not args.quiet)
+                              args.batch_size, progress=not args.quiet, size=args.size)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"dinoserve eval-knn: {error}") from None
     print(report.table())
@@ -151,7 +217,7 @@ def _serve(args) -> int:
     from service.server import serve
     from service.settings import Settings
 
-    names = ("repository", "model", "host", "port", "data_dir", "triton_url", "log_level")
+    names = ("repository", "model", "host", "port", "data_dir", "triton_url", "vector_store", "log_level")
     return serve(Settings.load({n: getattr(args, n) for n in names}))
 
 
@@ -162,12 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_export(sub)
     _add_eval_knn(sub)
     _add_serve(sub)
+    _add_plot(sub)
+    add_index_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks stop Triton and nothing is left behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        handlers = {"train": _train, "export": _export, "eval-knn": _eval_knn, "serve": _serve}
+        handlers = {"train": _train, "export": _export, "eval-knn": _eval_knn, "serve": _serve,
+                    "plot": _plot, "index": run_index}
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 0

@@ -54,8 +54,14 @@ class SegmentOptions(BaseModel):
         description="Shorter side of the model input in pixels, from the patch size to 1024, rounded down "
                     "to the patch size; default from the model card (480). Larger: finer masks, more cost.",
     )
-    method: Literal["mean", "union"] = Field(
-        "mean", description="Combining heads: 'mean' thresholds the mean attention; 'union' keeps any head's patches.",
+    method: Literal["mean", "union", "head", "tokencut"] = Field(
+        "mean", description="'mean' thresholds the heads' mean attention; 'union' keeps any head's patches; "
+                            "'head' is one head's mask (see `head`); 'tokencut' is a normalised cut of the patch "
+                            "features (TokenCut), the part holding the most salient patch.",
+    )
+    head: int = Field(
+        0, ge=0, description="Head for method 'head', from 0. DINO reports a model's best head; "
+                             "bench/segmentation.py finds it on held-out images.",
     )
     outputs: list[Literal["mask_png", "rle", "grid", "heads", "overlay"]] = Field(
         default_factory=lambda: ["mask_png", "grid"],
@@ -80,6 +86,7 @@ class SegmentResponse(BaseModel):
     heads: int
     keep_mass: float
     method: str
+    head: int | None = Field(None, description="The head used, for method 'head'.")
     mask_png: str | None = Field(None, description="Foreground mask, base64 PNG (mode L, 0 or 255), image size.")
     rle: RunLengthEncoding | None = None
     grid_mask: list[list[int]] | None = Field(None, description="Foreground mask on the patch grid, [h][w] of 0/1.")

@@ -1,4 +1,5 @@
-"""``POST /v1/segment``: one image → foreground masks from the model's attention (``segmentation``)."""
+"""``POST /v1/segment``: one image → foreground masks from the model's attention or patch features
+(``segmentation``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .images import decode_image
 from .model_card import ModelCard
 from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate
 from .schemas import SegmentOptions, SegmentRequest, SegmentResponse
-from .segmentation import model_input_size, render_outputs, segmentation_input
+from .segmentation import MAX_GRAPH_PATCHES, METHODS, model_input_size, render_outputs, segmentation_input
 from .settings import Settings
 from .triton_backend import TritonBackend
 
@@ -23,7 +24,8 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
         "image": {"type": "string", "format": "binary"},
         "keep_mass": {"type": "number"},
         "size": {"type": "integer"},
-        "method": {"type": "string", "enum": ["mean", "union"]},
+        "method": {"type": "string", "enum": list(METHODS)},
+        "head": {"type": "integer"},
         "outputs": {"type": "string", "description": "comma-separated, e.g. mask_png,rle"},
     }, "required": ["image"]}},
 }}}
@@ -54,9 +56,13 @@ def segment_router(settings: Settings, card: ModelCard, backend: TritonBackend) 
     @router.post("/v1/segment", response_model=SegmentResponse, response_model_exclude_none=True,
                  responses=ERROR_RESPONSES, openapi_extra=_REQUEST_BODY, tags=["segmentation"])
     async def segment(request: Request) -> SegmentResponse:
-        """Foreground masks from the last block's CLS attention (DINO's keep-60%-of-mass rule)."""
+        """Foreground masks from the last block's CLS attention (DINO's keep-60%-of-mass rule) or from a
+        normalised cut of the patch features (TokenCut)."""
         data, options = await read_segment_request(request, settings)
         size = card.segmentation_size if options.size is None else options.size
+        if options.method == "head" and options.head >= card.num_heads:
+            raise ApiError(422, "validation_error",
+                           f"head must be below the model's {card.num_heads} heads, got {options.head}")
 
         def prepare():
             img = decode_image(data, settings.max_image_pixels)
@@ -64,17 +70,29 @@ def segment_router(settings: Settings, card: ModelCard, backend: TritonBackend) 
                 input_size = model_input_size(*img.size, size, card.patch_size)
             except ValueError as exc:
                 raise ApiError(422, "validation_error", str(exc)) from None
+            patches = (input_size[0] // card.patch_size) * (input_size[1] // card.patch_size)
+            if options.method == "tokencut" and patches > MAX_GRAPH_PATCHES:
+                raise ApiError(422, "validation_error",
+                               f"method 'tokencut' takes at most {MAX_GRAPH_PATCHES} patches; size {size} gives "
+                               f"{patches} for this image: use a smaller size")
             return img, input_size, segmentation_input(img, input_size, card.preprocess)
 
         img, (width, height), pixels = await run_in_threadpool(prepare)
         grid = (height // card.patch_size, width // card.patch_size)
-        attention = (await backend.infer(pixels[None], ("attention",)))["attention"][0]
+        # Patch tokens are D floats a patch against one a head for the attention (64x more for ViT-S and B):
+        # they travel only when the graph method needs them.
+        wanted = ("attention", "patch_tokens") if options.method == "tokencut" else ("attention",)
+        result = await backend.infer(pixels[None], wanted)
+        attention = result["attention"][0]
+        patch_tokens = result["patch_tokens"][0] if options.method == "tokencut" else None
         body = await run_in_threadpool(
-            render_outputs, img, attention, grid, options.keep_mass, options.method, options.outputs
+            render_outputs, img, attention, grid, options.keep_mass, options.method, options.outputs,
+            options.head, patch_tokens,
         )
         return SegmentResponse(
             width=img.width, height=img.height, input_size=[width, height], grid=list(grid),
-            heads=attention.shape[0], keep_mass=options.keep_mass, method=options.method, **body,
+            heads=attention.shape[0], keep_mass=options.keep_mass, method=options.method,
+            head=options.head if options.method == "head" else None, **body,
         )
 
     return router

@@ -2,9 +2,12 @@
 
 The thresholding rule is DINO's (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
 Transformers", ``visualize_attention.py`` of facebookresearch/dino): per head, keep the patches that
-hold ``keep_mass`` of the attention mass. Around it: the geometry that maps an image of any aspect
-ratio onto the patch grid and the masks back onto the image, and the encodings the API returns.
-NumPy and Pillow only: the gateway never imports torch.
+hold ``keep_mass`` of the attention mass. The graph alternative is TokenCut's (Wang et al. 2022,
+"Self-Supervised Transformers for Unsupervised Object Discovery using Normalized Cut",
+``object_discovery.py`` of YangtaoWANG95/TokenCut): a normalised cut of the patch-feature affinity.
+Around them: the geometry that maps an image of any aspect ratio onto the patch grid and the masks
+back onto the image, and the encodings the API returns. NumPy and Pillow only: the gateway never
+imports torch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from .model_card import Preprocess
 
 MAX_SIZE = 1024  # largest shorter side accepted for the model input
 MAX_SIDE = 2048  # longest side of the model input; elongated images are scaled down to fit
-METHODS = ("mean", "union")
+ATTENTION_METHODS = ("mean", "union", "head")
+METHODS = (*ATTENTION_METHODS, "tokencut")
+TOKENCUT_TAU = 0.2  # cosine similarity above which two patches are joined (TokenCut's value)
+TOKENCUT_EPS = 1e-5  # weight of every other pair: keeps the graph connected so the degrees stay positive
+MAX_GRAPH_PATCHES = 6400  # the dense affinity costs 4 bytes per pair of patches: 164 MB at 80x80
+_LANCZOS_MAX_STEPS = 400
+_LANCZOS_CHECK_EVERY = 16
+_LANCZOS_TOLERANCE = 1e-6
 OUTPUTS = ("mask_png", "rle", "grid", "heads", "overlay")
 
 _HEAT_COLOUR = np.array([255, 0, 0], dtype=np.float32)
@@ -61,20 +71,122 @@ def attention_masks(attention: np.ndarray, grid: tuple[int, int], keep_mass: flo
 
 
 def foreground_mask(attention: np.ndarray, grid: tuple[int, int], keep_mass: float = 0.6,
-                    method: str = "mean") -> np.ndarray:
-    """One bool ``(h, w)`` mask from all heads of ``attention`` ``(heads, h*w)``.
+                    method: str = "mean", head: int = 0) -> np.ndarray:
+    """One bool ``(h, w)`` mask from the heads of ``attention`` ``(heads, h*w)``.
 
     ``"mean"`` (default) thresholds the heads' mean attention with :func:`attention_masks`: one
     ``keep_mass`` budget for the whole image, so a head that spreads its attention over the background
     cannot add its background patches on its own. ``"union"`` keeps a patch that any head keeps: larger
-    masks, higher recall. DINO's own protocol picks the best head per image, which needs the ground
-    truth and so is not offered here.
+    masks, higher recall. ``"head"`` is the mask of head number ``head`` alone: DINO shows and scores
+    the best head of a model, which ``bench/segmentation.py`` finds on held-out images (choosing it per
+    image would need the ground truth). The graph method is :func:`tokencut_mask`.
     """
     if method == "mean":
         return attention_masks(np.asarray(attention).mean(axis=0, keepdims=True), grid, keep_mass)[0]
     if method == "union":
         return attention_masks(attention, grid, keep_mass).any(axis=0)
-    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "head":
+        heads = len(attention)
+        if not 0 <= head < heads:
+            raise ValueError(f"head must be between 0 and {heads - 1}, got {head}")
+        return attention_masks(np.asarray(attention)[head:head + 1], grid, keep_mass)[0]
+    raise ValueError(f"unknown method {method!r}; use one of {', '.join(ATTENTION_METHODS)}")
+
+
+def tokencut_mask(patch_tokens: np.ndarray, grid: tuple[int, int], tau: float = TOKENCUT_TAU,
+                  eps: float = TOKENCUT_EPS) -> np.ndarray:
+    """TokenCut's foreground: a normalised cut of the patch graph, the salient side's connected part.
+
+    ``patch_tokens`` ``(h*w, D)`` → bool ``(h, w)``. As ``ncut`` in TokenCut's ``object_discovery.py``:
+    the affinity is the cosine similarity of the tokens, made binary (1 above ``tau``, ``eps`` elsewhere);
+    the second smallest generalised eigenvector of ``(D - W) x = λ D x`` (D the degrees) splits the
+    patches at its mean; the foreground is the side holding the patch of largest ``|x|``, cut down to the
+    4-connected component of that patch (``scipy.ndimage.label``'s default there). The eigenvector is
+    found by Lanczos iteration on ``D^-1/2 W D^-1/2`` (no SciPy in the gateway); it is unique up to sign,
+    which the salient-patch rule makes irrelevant.
+    """
+    h, w = grid
+    tokens = np.asarray(patch_tokens, dtype=np.float32)
+    if tokens.ndim != 2 or len(tokens) != h * w:
+        raise ValueError(f"patch tokens of shape {tokens.shape} do not fit a {h}x{w} patch grid")
+    if h * w > MAX_GRAPH_PATCHES:
+        raise ValueError(f"the graph method takes at most {MAX_GRAPH_PATCHES} patches; a {h}x{w} grid "
+                         "has more: use a smaller size")
+    if h * w == 1:
+        return np.ones((1, 1), dtype=bool)
+    unit = tokens / np.maximum(np.linalg.norm(tokens, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    weights = np.where(unit @ unit.T > tau, np.float32(1), np.float32(eps))
+    degrees = weights.sum(axis=1, dtype=np.float64)
+    inv_sqrt = (1 / np.sqrt(degrees)).astype(np.float32)
+    weights *= inv_sqrt[:, None]
+    weights *= inv_sqrt[None, :]
+    # D^-1/2 W D^-1/2 has eigenvalue 1 on D^1/2 1; the next largest is the second smallest of the cut.
+    trivial = np.sqrt(degrees) / np.linalg.norm(np.sqrt(degrees))
+    vector = second_eigenvector(weights, trivial) * inv_sqrt  # back to x = D^-1/2 y
+    side = vector > vector.mean()
+    seed = int(np.argmax(np.abs(vector)))
+    if not side[seed]:
+        side = ~side
+    return connected_component(side.reshape(h, w), divmod(seed, w))
+
+
+def second_eigenvector(matrix: np.ndarray, trivial: np.ndarray) -> np.ndarray:
+    """Unit eigenvector of the largest eigenvalue of symmetric ``matrix`` ``(n, n)`` orthogonal to the
+    unit eigenvector ``trivial``: Lanczos iteration with full reorthogonalisation, in float64 except
+    the matrix products, stopped when the Ritz residual is below ``_LANCZOS_TOLERANCE``."""
+    n = len(trivial)
+    steps = min(n - 1, _LANCZOS_MAX_STEPS)
+    basis = np.zeros((steps + 2, n))
+    basis[0] = trivial
+    start = np.random.default_rng(0).standard_normal(n)  # fixed: the same image gives the same mask
+    start -= trivial * (trivial @ start)
+    basis[1] = start / np.linalg.norm(start)
+    diagonal, off_diagonal = [], []
+    j = 0
+    while True:
+        j += 1
+        v = (matrix @ basis[j].astype(matrix.dtype)).astype(np.float64)
+        diagonal.append(basis[j] @ v)
+        for _ in range(2):  # twice is enough to keep the basis orthogonal to working precision
+            v -= basis[:j + 1].T @ (basis[:j + 1] @ v)
+        beta = float(np.linalg.norm(v))
+        done = j == steps or beta < _LANCZOS_TOLERANCE
+        if done or j % _LANCZOS_CHECK_EVERY == 0:
+            tridiagonal = np.diag(diagonal) + np.diag(off_diagonal, 1) + np.diag(off_diagonal, -1)
+            ritz = np.linalg.eigh(tridiagonal)[1][:, -1]
+            if done or beta * abs(ritz[-1]) < _LANCZOS_TOLERANCE:  # ‖A y - θ y‖ of the Ritz pair
+                return ritz @ basis[1:j + 1]
+        off_diagonal.append(beta)
+        basis[j + 1] = v / beta
+
+
+def connected_component(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
+    """The 4-connected component of bool ``mask`` ``(h, w)`` holding the patch ``seed`` (row, column);
+    all False when the seed is not in the mask."""
+    h, w = mask.shape
+    component = np.zeros((h, w), dtype=bool)
+    if not mask[seed]:
+        return component
+    component[seed] = True
+    stack = [seed]
+    while stack:
+        r, c = stack.pop()
+        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= nr < h and 0 <= nc < w and mask[nr, nc] and not component[nr, nc]:
+                component[nr, nc] = True
+                stack.append((nr, nc))
+    return component
+
+
+def patch_mask(method: str, attention: np.ndarray, grid: tuple[int, int], keep_mass: float = 0.6,
+               head: int = 0, patch_tokens: np.ndarray | None = None) -> np.ndarray:
+    """The foreground on the patch grid by ``method``: :func:`tokencut_mask` of ``patch_tokens`` for
+    ``"tokencut"``, :func:`foreground_mask` of ``attention`` for the others."""
+    if method == "tokencut":
+        if patch_tokens is None:
+            raise ValueError("the tokencut method needs the patch tokens")
+        return tokencut_mask(patch_tokens, grid)
+    return foreground_mask(attention, grid, keep_mass, method, head)
 
 
 def model_input_size(width: int, height: int, size: int, patch: int) -> tuple[int, int]:
@@ -165,10 +277,11 @@ def overlay_image(img: Image.Image, heat: np.ndarray, mask: np.ndarray) -> Image
 
 
 def render_outputs(img: Image.Image, attention: np.ndarray, grid: tuple[int, int], keep_mass: float,
-                   method: str, outputs: list[str]) -> dict:
+                   method: str, outputs: list[str], head: int = 0,
+                   patch_tokens: np.ndarray | None = None) -> dict:
     """The requested encodings of the masks of ``attention`` ``(heads, h*w)`` for the photo ``img``.
 
-    ``mask_png`` and ``rle``: the :func:`foreground_mask` at the photo's size; ``grid``: ``grid_mask``
+    ``mask_png`` and ``rle``: the :func:`patch_mask` at the photo's size; ``grid``: ``grid_mask``
     (that mask on the patch grid, ``[h][w]`` of 0/1) and ``grid_masks`` (each head's
     :func:`attention_masks`, ``[heads][h][w]``); ``heads``: ``heads_png``, one heatmap per head;
     ``overlay``: ``overlay_png``.
@@ -177,7 +290,7 @@ def render_outputs(img: Image.Image, attention: np.ndarray, grid: tuple[int, int
     if unknown:
         raise ValueError(f"unknown outputs {unknown}; use any of {', '.join(OUTPUTS)}")
     body: dict = {}
-    grid_mask = foreground_mask(attention, grid, keep_mass, method)
+    grid_mask = patch_mask(method, attention, grid, keep_mass, head, patch_tokens)
     mask = grid_to_image(grid_mask, img.size) if {"mask_png", "rle", "overlay"} & set(outputs) else None
     if "mask_png" in outputs:
         body["mask_png"] = png_base64(mask_image(mask))

@@ -17,6 +17,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path("data")
+    # collections: "embedded" (SQLite + FAISS in data_dir), "qdrant://host:port", or "qdrant-local"
+    vector_store: str = "embedded"
     triton_url: str | None = None  # external Triton (host:port of its HTTP endpoint); embedded if unset
     triton_http_port: int = 0  # embedded Triton's ports; 0 picks a free one
     triton_grpc_port: int = 0

@@ -16,11 +16,13 @@ TINY_TRAIN = [
     "--data", "synthetic:48:64:0", "--arch", "vit_nano", "--epochs", "2", "--batch-size", "16",
     "--global-size", "64", "--local-size", "32", "--local-crops-number", "2", "--out-dim", "256",
     "--hidden-dim", "128", "--bottleneck-dim", "64", "--warmup-epochs", "1", "--num-workers", "0",
-    "--warmup-teacher-temp-epochs", "1", "--quiet",
+    "--warmup-teacher-temp-epochs", "1", "--quiet", "--saveckp-freq", "1",
 ]
+# The same with iBOT: masked patch tokens with their own (smaller) prototypes.
+TINY_IBOT = [*TINY_TRAIN, "--method", "ibot", "--patch-out-dim", "128"]
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     result = subprocess.run([str(BIN / "dinoserve"), *args], capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, f"dinoserve {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
@@ -32,6 +34,16 @@ def trained_run(tmp_path_factory) -> Path:
     """A run directory of ``dinoserve train`` (2 epochs of a 2-block ViT on 48 synthetic images)."""
     out = tmp_path_factory.mktemp("run")
     run_cli("train", *TINY_TRAIN, "--output", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ibot_run(tmp_path_factory) -> Path:
+    """A run directory of ``dinoserve train --method ibot`` (same size as ``trained_run``), with a k-NN
+    monitor after each epoch."""
+    out = tmp_path_factory.mktemp("ibot")
+    run_cli("train", *TINY_IBOT, "--output", str(out), "--knn-every", "1", "--knn-train", "synthetic:24:64:1",
+            "--knn-val", "synthetic:12:64:2")
     return out
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -21,14 +23,20 @@ def process_tree(pid: int) -> list[int]:
 
 
 class Server:
-    def __init__(self, bundle: Path, log: Path):
+    """``args`` are added to the command line (they win over the defaults: the data directory is
+    ``log``'s folder / "data"); ``triton_url`` is the embedded Triton's HTTP endpoint, for other gateways'
+    ``--triton-url``."""
+
+    def __init__(self, bundle: Path, log: Path, args: Sequence[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.triton_url = f"127.0.0.1:{free_port()}"
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "dinoserve"), "serve", "--repository", str(bundle.parent),
-             "--model", bundle.name, "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+             "--model", bundle.name, "--port", str(self.port), "--data-dir", str(log.parent / "data"), *args],
+            stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "DINOSERVE_TRITON_HTTP_PORT": self.triton_url.split(":")[1]},
         )
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -42,6 +50,15 @@ class Server:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"not ready after {timeout} s:\n{Path(self.log.name).read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the process and its children at once: no shutdown code runs."""
+        pids = [self.proc.pid, *process_tree(self.proc.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a child that had just exited
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
 
     def stop(self) -> int:
         if self.proc.poll() is None:

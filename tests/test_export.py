@@ -83,7 +83,8 @@ def test_bundle_files_follow_the_contract(bundle, trained_run):
         "embedding": "embedding", "attention": "attention", "patch_tokens": "patch_tokens"}
     assert card["inputs"]["pixel_values"]["name"] == "pixel_values"
     assert card["source"]["sha256"] == sha256_file(trained_run / "checkpoint.pth")
-    assert card["source"]["checkpoint_key"] == "teacher"
+    assert card["source"]["checkpoint_key"] == "teacher" and card["source"]["format"] == "dinoserve-checkpoint"
+    assert card["pos_embed"] == {"grid": [14, 14], "interpolation": "timm"}
 
 
 def test_onnx_graph_has_dynamic_batch_height_and_width(session):
@@ -101,8 +102,8 @@ def test_student_and_teacher_weights_differ_and_export_picks_the_requested_one(t
     assert all(torch.equal(teacher[k], slim[k]) for k in teacher)
 
 
-def test_export_refuses_a_file_that_is_not_a_dinoserve_checkpoint(tmp_path):
+def test_export_refuses_a_file_that_holds_no_vit(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"weights": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="not a dinoserve checkpoint"):
+    with pytest.raises(ValueError, match="does not hold a ViT backbone: missing patch_embed.proj.weight"):
         load_backbone(path)

@@ -1,5 +1,6 @@
-"""Segmentation: DINO's keep-the-mass rule on hand-built attention maps, the geometry between photo and
-patch grid, the encodings, and ``POST /v1/segment`` through the real stack on non-square images."""
+"""Segmentation: DINO's keep-the-mass rule on hand-built attention maps, TokenCut's normalised cut on
+hand-built patch features, the geometry between photo and patch grid, the encodings, and
+``POST /v1/segment`` through the real stack on non-square images."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import io
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 
-from service.model_card import Preprocess
+from service.model_card import ModelCard, Preprocess
 from service.segmentation import (
+    MAX_GRAPH_PATCHES,
     MAX_SIDE,
     MAX_SIZE,
     attention_masks,
+    connected_component,
     encode_rle,
     foreground_mask,
     grid_to_image,
@@ -24,7 +28,9 @@ from service.segmentation import (
     model_input_size,
     overlay_image,
     render_outputs,
+    second_eigenvector,
     segmentation_input,
+    tokencut_mask,
 )
 from training.data import make_sample
 
@@ -160,9 +166,131 @@ def test_default_method_is_mean():
                                   foreground_mask(TWO_HEADS, (2, 2), keep_mass=0.7, method="mean"))
 
 
+def test_head_method_is_the_named_heads_own_mask():
+    assert foreground_mask(TWO_HEADS, (2, 2), keep_mass=0.7, method="head", head=0).ravel().tolist() == [
+        True, True, False, False]
+    assert foreground_mask(TWO_HEADS, (2, 2), keep_mass=0.7, method="head", head=1).ravel().tolist() == [
+        True, False, False, True]
+
+
+@pytest.mark.parametrize("head", [-1, 2])
+def test_a_head_the_model_does_not_have_is_rejected(head):
+    with pytest.raises(ValueError, match="head must be between 0 and 1"):
+        foreground_mask(TWO_HEADS, (2, 2), method="head", head=head)
+
+
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown method"):
         foreground_mask(TWO_HEADS, (2, 2), method="best")
+
+
+# tokencut_mask: TokenCut's normalised cut --------------------------------------------------------
+
+def published_ncut(tokens: np.ndarray, grid: tuple[int, int], tau: float = 0.2, eps: float = 1e-5) -> np.ndarray:
+    """TokenCut's ``ncut`` + ``detect_box`` mask, with NumPy's general eigensolver on D⁻¹(D − W) in place
+    of SciPy's ``eigh(D - W, D)`` and a flood fill by repeated 4-neighbour dilation for ``ndimage.label``."""
+    unit = tokens / np.linalg.norm(tokens, axis=1, keepdims=True)
+    affinity = (unit @ unit.T > tau).astype(np.float64)
+    affinity[affinity == 0] = eps
+    degrees = affinity.sum(axis=1)
+    values, vectors = np.linalg.eig((np.diag(degrees) - affinity) / degrees[:, None])
+    second = np.real(vectors[:, np.argsort(np.real(values))[1]])
+    bipartition = second > second.mean()
+    seed = np.argmax(np.abs(second))
+    if not bipartition[seed]:
+        bipartition = ~bipartition
+    side = bipartition.reshape(grid)
+    component = np.zeros(grid, dtype=bool)
+    component[np.unravel_index(seed, grid)] = True
+    while True:
+        grown = component.copy()
+        grown[1:] |= component[:-1]
+        grown[:-1] |= component[1:]
+        grown[:, 1:] |= component[:, :-1]
+        grown[:, :-1] |= component[:, 1:]
+        grown &= side
+        if (grown == component).all():
+            return component
+        component = grown
+
+
+def two_cluster_tokens(object_mask: np.ndarray, seed: int = 0, noise: float = 0.05) -> np.ndarray:
+    """Patch tokens ``(h*w, 16)``: one direction on the object, an orthogonal one elsewhere, plus noise."""
+    rng = np.random.default_rng(seed)
+    tokens = np.where(object_mask.reshape(-1, 1), np.eye(16)[0], np.eye(16)[1])
+    return tokens + noise * rng.normal(size=tokens.shape)
+
+
+def test_the_cut_separates_two_clusters_of_tokens_and_keeps_the_object():
+    obj = np.zeros((6, 8), dtype=bool)
+    obj[1:4, 4:7] = True
+    mask = tokencut_mask(two_cluster_tokens(obj), (6, 8))
+    assert mask.shape == (6, 8) and mask.dtype == bool
+    np.testing.assert_array_equal(mask, obj)
+
+
+def test_the_foreground_is_the_side_of_the_most_salient_patch_the_smaller_cluster():
+    # Two cliques of sizes a and b: x is constant on each and D-orthogonal to 1, so a²·x_a = −b²·x_b and
+    # the smaller clique holds the largest |x|; it is the foreground even where it is the "background".
+    small = np.zeros((6, 8), dtype=bool)
+    small[0:2, 0:2] = True
+    np.testing.assert_array_equal(tokencut_mask(two_cluster_tokens(small), (6, 8)), small)
+    np.testing.assert_array_equal(tokencut_mask(two_cluster_tokens(~small), (6, 8)), small)
+
+
+def test_the_foreground_is_cut_down_to_the_component_of_the_salient_patch():
+    obj = np.zeros((8, 10), dtype=bool)
+    obj[1:3, 1:3] = True  # two separate blocks of the same cluster
+    obj[4:7, 5:8] = True
+    tokens = two_cluster_tokens(obj, noise=0.0)
+    mask = tokencut_mask(tokens, (8, 10))
+    left, right = np.zeros_like(obj), np.zeros_like(obj)
+    left[1:3, 1:3], right[4:7, 5:8] = True, True
+    assert (mask == left).all() or (mask == right).all()
+
+
+def test_patches_touching_at_a_corner_are_not_connected():
+    mask = np.array([[1, 1, 0, 0],
+                     [1, 1, 0, 0],
+                     [0, 0, 1, 1],
+                     [0, 1, 1, 0]], dtype=bool)
+    assert np.flatnonzero(connected_component(mask, (3, 2))).tolist() == [10, 11, 13, 14]
+    assert np.flatnonzero(connected_component(mask, (0, 0))).tolist() == [0, 1, 4, 5]
+    assert not connected_component(mask, (0, 3)).any()  # a seed outside the mask
+
+
+@pytest.mark.parametrize("seed, grid", [(0, (5, 7)), (1, (9, 6)), (2, (12, 12))])
+def test_tokencut_equals_the_published_procedure_on_noisy_clustered_tokens(seed, grid):
+    rng = np.random.default_rng(seed)
+    h, w = grid
+    rows, cols = np.mgrid[0:h, 0:w]
+    regions = ((rows * 2 // h) * 2 + cols * 2 // w).ravel()  # four quadrants, one feature cluster each
+    tokens = rng.normal(size=(4, 24))[regions] + 0.6 * rng.normal(size=(h * w, 24))
+    np.testing.assert_array_equal(tokencut_mask(tokens, grid), published_ncut(tokens, grid))
+
+
+def test_second_eigenvector_is_the_full_eigensolvers():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 8))
+    weights = np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / 8)
+    inv_sqrt = 1 / np.sqrt(weights.sum(axis=1))
+    normalised = weights * inv_sqrt[:, None] * inv_sqrt[None, :]
+    values, vectors = np.linalg.eigh(normalised)
+    trivial = vectors[:, -1] * np.sign(vectors[0, -1])
+    np.testing.assert_allclose(trivial, 1 / inv_sqrt / np.linalg.norm(1 / inv_sqrt), atol=1e-10)
+    got = second_eigenvector(normalised.astype(np.float32), trivial)
+    assert abs(got @ vectors[:, -2]) == pytest.approx(1, abs=1e-6)
+
+
+def test_tokencut_rejects_tokens_that_do_not_fit_the_grid_and_grids_over_the_limit():
+    with pytest.raises(ValueError, match="do not fit"):
+        tokencut_mask(np.ones((11, 4)), (3, 4))
+    with pytest.raises(ValueError, match="at most"):
+        tokencut_mask(np.ones((MAX_GRAPH_PATCHES + 1, 2)), (MAX_GRAPH_PATCHES + 1, 1))
+
+
+def test_a_single_patch_is_its_own_foreground():
+    assert tokencut_mask(np.ones((1, 4)), (1, 1)).tolist() == [[True]]
 
 
 # geometry ---------------------------------------------------------------------------------------
@@ -333,8 +461,41 @@ def test_segment_takes_multipart_with_form_options_and_applies_exif_orientation(
     assert "rle" not in body and "grid_mask" not in body
 
 
+def test_segment_by_tokencut_is_the_cut_of_the_bundles_patch_tokens(server, bundle):
+    sample = make_sample(9, size=(160, 96))
+    payload = {"image": {"data": base64.b64encode(encoded(sample.image)).decode()}, "method": "tokencut",
+               "size": 160, "outputs": ["mask_png", "grid"]}
+    response = httpx.post(f"{server.url}/v1/segment", json=payload, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "tokencut" and body["input_size"] == [256, 160] and body["grid"] == [10, 16]
+    card = ModelCard.load(bundle)
+    pixels = segmentation_input(sample.image, (256, 160), card.preprocess)[None]
+    session = ort.InferenceSession(str(bundle / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (tokens,) = session.run(["patch_tokens"], {"pixel_values": pixels})
+    expected = tokencut_mask(tokens[0], (10, 16))
+    grid_mask = np.array(body["grid_mask"], dtype=bool)
+    assert expected.any() and (grid_mask != expected).sum() <= 1  # Triton's onnxruntime build may round apart
+    np.testing.assert_array_equal(png_array(body["mask_png"]) > 0, grid_to_image(grid_mask, (160, 96)))
+
+
+def test_segment_by_one_head_returns_that_heads_mask(server):
+    image = base64.b64encode(encoded(make_sample(10, size=(96, 64)).image)).decode()
+    response = httpx.post(f"{server.url}/v1/segment", timeout=60, json={
+        "image": {"data": image}, "method": "head", "head": 1, "size": 64, "outputs": ["grid"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "head" and body["head"] == 1
+    assert body["grid_mask"] == body["grid_masks"][1] and body["grid_masks"][0] != body["grid_masks"][1]
+
+
 @pytest.mark.parametrize("send, status, code", [
     (dict(json={"keep_mass": 0}), 422, "validation_error"),
+    (dict(json={"method": "head", "head": 2}), 422, "validation_error"),  # the tiny model has 2 heads
+    (dict(json={"head": -1}), 422, "validation_error"),
+    # 200x100 at size 1024: a 2048x1024 input, 64x128 patches, over the graph method's limit
+    (dict(json={"method": "tokencut", "size": 1024, "image": {"data": base64.b64encode(
+        encoded(make_sample(1, size=(200, 100)).image)).decode()}}), 422, "validation_error"),
     (dict(json={"keep_mass": 1.5}), 422, "validation_error"),
     (dict(json={"method": "best"}), 422, "validation_error"),
     (dict(json={"outputs": ["contours"]}), 422, "validation_error"),

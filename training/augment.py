@@ -22,6 +22,8 @@ class MultiCropConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_number: int = 8
+    color_jitter: float = 1.0  # strength multiplier of DINO's jitter (brightness/contrast 0.4, saturation 0.2, hue 0.1)
+    grayscale_p: float = 0.2
 
 
 class RandomGaussianBlur:
@@ -42,10 +44,12 @@ class MultiCropAugmentation:
 
     def __init__(self, cfg: MultiCropConfig):
         self.cfg = cfg
+        j = cfg.color_jitter
         flip_and_jitter = T.Compose([
             T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.ColorJitter(brightness=0.4 * j, contrast=0.4 * j, saturation=0.2 * j,
+                                         hue=min(0.1 * j, 0.5))], p=0.8),
+            T.RandomGrayscale(p=cfg.grayscale_p),
         ])
         normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         bicubic = T.InterpolationMode.BICUBIC

@@ -1,5 +1,5 @@
 """Training configuration: every hyper-parameter with its default and why (torch-free, so the
-command line can be built without importing torch)."""
+command line can be built without importing torch), and presets reproducing the official recipes."""
 
 from __future__ import annotations
 
@@ -44,16 +44,46 @@ class TrainConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_number: int = 8
+    color_jitter: float = 1.0  # multiplies DINO's colour-jitter strengths; raise it where colour must not matter
+    grayscale_p: float = 0.2
+    # iBOT (method = "ibot"): masked-image modelling on the global crops' patch tokens.
+    patch_out_dim: int = 8192
+    shared_head: bool = False  # one set of prototypes for CLS and patch tokens
+    pred_ratio: tuple[float, ...] = (0.0, 0.3)  # masking ratios, one drawn per global crop
+    pred_ratio_var: tuple[float, ...] = (0.0, 0.2)  # ± range around each ratio
+    pred_aspect: float = 0.3  # blocks' aspect ratio is log-uniform in [pred_aspect, 1 / pred_aspect]
+    pred_start_epoch: int = 0  # no masking (and the patch loss at its warm-up temperature) before it
+    lambda1: float = 1.0  # weight of the CLS loss
+    lambda2: float = 1.0  # weight of the masked-patch loss
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    # Runtime.
+    device: str = "auto"  # auto: CUDA when available
+    precision: str = "auto"  # auto: bf16 autocast on GPUs that support it (else fp16 + grad scaler), fp32 on CPU
     num_workers: int = 2
     seed: int = 0
+    saveckp_freq: int = 0  # also keep checkpoint<epochs done>.pth every N epochs (0: only checkpoint.pth)
+    resume: str = ""  # checkpoint to continue from; default: <output>/checkpoint.pth when it exists
+    tensorboard: bool = True  # TensorBoard event files in <output>/tensorboard (needs the tensorboard package)
+    knn_every: int = 0  # k-NN monitor every N epochs on knn_train / knn_val (0: off)
+    knn_train: str = ""
+    knn_val: str = ""
+    knn_size: int = 0  # evaluation crop size of the monitor (0: global_size)
+    knn_k: int = 20
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
-        """Read a ``.json`` or ``.toml`` file of options; ``overrides`` (not None) win."""
-        path = Path(path)
-        text = path.read_text()
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        return cls.from_dict({**values, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+    def from_file(cls, path: str | Path, overrides: dict | None = None, preset: str | None = None) -> "TrainConfig":
+        """Read a ``.json``, ``.toml`` or ``.yaml`` file of options; ``overrides`` (not None) win."""
+        return cls.build(preset, read_options(path), overrides)
+
+    @classmethod
+    def build(cls, preset: str | None = None, values: dict | None = None, overrides: dict | None = None):
+        """Defaults, then the ``preset``, then ``values`` (a config file), then ``overrides`` not None."""
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        merged = {**(PRESETS[preset] if preset else {}), **(values or {})}
+        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(merged)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -62,7 +92,70 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training options: {', '.join(unknown)}")
         values = dict(values)
-        for key in ("global_scale", "local_scale"):
+        for key in ("global_scale", "local_scale", "pred_ratio", "pred_ratio_var"):
             if key in values:
                 values[key] = tuple(values[key])
-        return cls(**values)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+        if self.global_size % self.patch_size or self.local_size % self.patch_size:
+            raise ValueError(f"crop sizes ({self.global_size}, {self.local_size}) must be multiples of the "
+                             f"patch size {self.patch_size}")
+        if self.knn_every and not (self.knn_train and self.knn_val):
+            raise ValueError("knn_every needs knn_train and knn_val (labelled folders or synthetic:N specs)")
+
+
+METHODS = ("dino", "ibot")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def read_options(path: str | Path) -> dict:
+    """Options from a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a YAML config must be a mapping of option names to values")
+        return values
+    return json.loads(text)
+
+
+# The official recipes, as released with the papers' checkpoints (facebookresearch/dino README and
+# training logs; bytedance/ibot README). ``batch_size`` is per process: the papers ran 16 GPUs × 64 for
+# ViT-S/16 (1024 images per step) and 32 GPUs × 32 for ViT-B/16; the learning rate scales with the total.
+_DINO_COMMON = dict(method="dino", patch_size=16, out_dim=65536, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                    weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996, warmup_epochs=10,
+                    drop_path_rate=0.1, global_size=224, local_size=96, local_crops_number=10,
+                    global_scale=(0.25, 1.0), local_scale=(0.05, 0.25))
+_IBOT_COMMON = dict(method="ibot", patch_size=16, out_dim=8192, patch_out_dim=8192, shared_head=True,
+                    warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_patch_temp=0.04,
+                    teacher_patch_temp=0.07, momentum_teacher=0.996, weight_decay=0.04, weight_decay_end=0.4,
+                    clip_grad=3.0, drop_path_rate=0.1, global_size=224, local_size=96, local_crops_number=10,
+                    pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2))
+PRESETS: dict[str, dict] = {
+    "dino_vits16": {**_DINO_COMMON, "arch": "vit_small", "epochs": 800, "batch_size": 64, "lr": 0.0005,
+                    "min_lr": 1e-5, "norm_last_layer": False, "warmup_teacher_temp_epochs": 30,
+                    "clip_grad": 0.0, "freeze_last_layer": 1},
+    "dino_vitb16": {**_DINO_COMMON, "arch": "vit_base", "epochs": 400, "batch_size": 32, "lr": 0.00075,
+                    "min_lr": 2e-6, "norm_last_layer": True, "warmup_teacher_temp_epochs": 50,
+                    "clip_grad": 3.0, "freeze_last_layer": 3},
+    "ibot_vits16": {**_IBOT_COMMON, "arch": "vit_small", "epochs": 800, "batch_size": 64, "lr": 0.0005,
+                    "min_lr": 1e-6, "norm_last_layer": False, "warmup_teacher_temp_epochs": 30,
+                    "freeze_last_layer": 1, "global_scale": (0.14, 1.0), "local_scale": (0.05, 0.4)},
+    "ibot_vitb16": {**_IBOT_COMMON, "arch": "vit_base", "epochs": 400, "batch_size": 64, "lr": 0.00075,
+                    "min_lr": 2e-6, "norm_last_layer": True, "warmup_teacher_temp_epochs": 50,
+                    "freeze_last_layer": 3, "global_scale": (0.32, 1.0), "local_scale": (0.05, 0.32)},
+}

@@ -26,6 +26,7 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
+from service.knn import knn_accuracy
 from service.model_card import CARD_FILENAME, IMAGENET_MEAN, IMAGENET_STD, ModelCard
 
 from .data import open_dataset
@@ -62,35 +63,23 @@ def knn_classifier(
     where the official code leaves their order to the sort implementation.
 
     Unlike the official function, which splits the test set into 100 chunks and fails below 100 test
-    images, any number of test images works; they are processed ``chunk_size`` at a time.
+    images, any number of test images works; they are processed ``chunk_size`` at a time. The vote is
+    :func:`service.knn.knn_accuracy`, the one ``POST /v1/classify`` uses too.
     """
-    num_train, num_test = len(train_features), len(test_features)
-    if not 1 <= k <= num_train:
-        raise ValueError(f"k must be between 1 and the number of training images ({num_train}), got {k}")
-    if num_test == 0:
-        raise ValueError("no test images to classify")
-    train_labels = train_labels.long().to(train_features.device)
-    test_labels = test_labels.long().to(train_features.device)
-    ranked = min(5, k, num_classes)
-    top1 = top5 = 0
-    for start in range(0, num_test, chunk_size):
-        features = test_features[start:start + chunk_size]
-        targets = test_labels[start:start + chunk_size]
-        similarity, neighbours = (features @ train_features.T).topk(k, dim=1, largest=True, sorted=True)
-        votes = torch.zeros(len(features), num_classes, dtype=similarity.dtype, device=similarity.device)
-        votes.scatter_add_(1, train_labels[neighbours], (similarity / T).exp())
-        predictions = votes.argsort(dim=1, descending=True, stable=True)[:, :ranked]
-        correct = predictions == targets[:, None]
-        top1 += int(correct[:, 0].sum())
-        top5 += int(correct.sum())
-    return top1 * 100.0 / num_test, top5 * 100.0 / num_test
+    return knn_accuracy(train_features.float().cpu().numpy(), train_labels.cpu().numpy(),
+                        test_features.float().cpu().numpy(), test_labels.cpu().numpy(), k, T, num_classes,
+                        chunk_size)
 
 
-def eval_transform() -> transforms.Compose:
-    """DINO's evaluation transform (``eval_knn.py``): resize 256 bicubic, centre crop 224, normalise."""
+def eval_transform(size: int = 224) -> transforms.Compose:
+    """DINO's evaluation transform (``eval_knn.py``): resize 256 bicubic, centre crop 224, normalise.
+
+    Another ``size`` keeps the same 256 : 224 ratio (resize ``round(size * 8 / 7)``, crop ``size``), for
+    models trained on smaller crops.
+    """
     return transforms.Compose([
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224),
+        transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
@@ -117,17 +106,17 @@ def _embed_dataset(
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, dataset: Sequence, batch_size: int = 64, progress: bool = True
+    model: nn.Module, dataset: Sequence, batch_size: int = 64, progress: bool = True, size: int = 224
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features ``(len(dataset), dim)`` and labels ``(len(dataset),)`` of a backbone.
 
     ``dataset`` yields ``(PIL image, label)`` pairs (``open_dataset(spec)`` without a transform); each
-    image goes through :func:`eval_transform`. ``model`` maps ``(batch, 3, 224, 224)`` to
+    image goes through :func:`eval_transform` at ``size``. ``model`` maps ``(batch, 3, size, size)`` to
     ``(batch, dim)``; it is put in eval mode and run on the device of its parameters.
     """
     model.eval()
     device = next(model.parameters()).device
-    return _embed_dataset(lambda xs: model(torch.stack(xs).to(device)), eval_transform(), dataset,
+    return _embed_dataset(lambda xs: model(torch.stack(xs).to(device)), eval_transform(size), dataset,
                           batch_size, progress, "features")
 
 
@@ -233,12 +222,14 @@ def evaluate_knn(
     random_init_seed: int | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    size: int = 224,
 ) -> KnnReport:
     """k-NN accuracy of a checkpoint or model bundle on labelled ``train`` / ``val`` sets.
 
     ``train`` and ``val`` are folders with class sub-folders or ``synthetic:N[:SIZE[:SEED]]`` specs. A
     ``k`` above the number of training images is clamped to it (every training image votes). With
-    ``random_init_seed`` the same architecture is also evaluated at random initialisation.
+    ``random_init_seed`` the same architecture is also evaluated at random initialisation. Checkpoints
+    (and the random baseline) see ``size`` crops (:func:`eval_transform`); bundles their model card's.
     """
     model_path = Path(model_path)
     train_set, val_set = open_dataset(train), open_dataset(val)
@@ -255,7 +246,7 @@ def evaluate_knn(
         source = f"{checkpoint_key} of {model_path}"
 
         def features(dataset):
-            return extract_features(model, dataset, batch_size, progress)
+            return extract_features(model, dataset, batch_size, progress, size)
 
     def accuracies(train_feats, val_feats) -> dict[int, tuple[float, float]]:
         return {k: knn_classifier(*train_feats, *val_feats, min(k, len(train_set)), temperature, num_classes)
@@ -265,8 +256,8 @@ def evaluate_knn(
     random = {}
     if random_init_seed is not None:
         baseline = random_backbone(spec, random_init_seed)
-        random = accuracies(extract_features(baseline, train_set, batch_size, progress),
-                            extract_features(baseline, val_set, batch_size, progress))
+        random = accuracies(extract_features(baseline, train_set, batch_size, progress, size),
+                            extract_features(baseline, val_set, batch_size, progress, size))
     rows = tuple(
         KnnRow(k, min(k, len(train_set)), *trained[k], *random.get(k, (None, None))) for k in ks
     )

@@ -40,18 +40,66 @@ class BackboneSpec:
 
     @classmethod
     def from_arch(cls, arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0):
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        embed_dim, depth, num_heads = ARCHS[arch]
-        return cls(arch, patch_size, embed_dim, depth, num_heads, img_size, drop_path_rate)
+        """A named size (``ARCHS``) at ``patch_size``, or a timm ViT name such as
+        ``vit_small_patch16_224`` whose patch size and image size come from the name."""
+        if arch in ARCHS:
+            embed_dim, depth, num_heads = ARCHS[arch]
+            return cls(arch, patch_size, embed_dim, depth, num_heads, img_size, drop_path_rate)
+        return cls._from_timm(arch, drop_path_rate)
+
+    @classmethod
+    def _from_timm(cls, name: str, drop_path_rate: float) -> "BackboneSpec":
+        import timm
+
+        if name not in timm.list_models():
+            raise ValueError(f"unknown arch {name!r}: choose one of {', '.join(ARCHS)} or a timm ViT name "
+                             "such as vit_small_patch16_224")
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"timm model {name!r} is not a VisionTransformer")
+        spec = cls(name, model.patch_embed.patch_size[0], model.embed_dim, len(model.blocks),
+                   model.blocks[0].attn.num_heads, model.patch_embed.img_size[0], drop_path_rate)
+        ours = {k: v.shape for k, v in build_backbone(spec).state_dict().items()}
+        theirs = {k: v.shape for k, v in model.state_dict().items()}
+        if ours != theirs:
+            differing = sorted(set(ours.items()) ^ set(theirs.items()))[:4]
+            raise ValueError(f"timm model {name!r} is not a plain ViT (class token, MLP ratio 4, qkv bias, "
+                             f"no register tokens or layer scale); differing parameters: {differing}")
+        return spec
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def build_backbone(spec: BackboneSpec) -> VisionTransformer:
+class ViTBackbone(VisionTransformer):
+    """timm ``VisionTransformer`` that can also return every token and replace masked patches.
+
+    ``forward`` is timm's (final-norm CLS token). ``forward_tokens(x, mask)`` returns the final-norm
+    tokens ``(batch, 1 + h*w, dim)``; with ``masked_im_modeling`` the patches where ``mask``
+    ``(batch, h, w)`` is True are replaced by the learnable ``masked_embed`` before the position
+    embedding is added, as iBOT's ``prepare_tokens`` does (same parameter name and shape as the official
+    checkpoints).
+    """
+
+    def __init__(self, *args, masked_im_modeling: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(x)  # (batch, h, w, dim) with dynamic_img_size
+        if mask is not None:
+            if self.masked_embed is None:
+                raise ValueError("this backbone was built without masked_im_modeling; it takes no mask")
+            x = torch.where(mask.unsqueeze(-1), self.masked_embed.to(x.dtype), x)
+        x = self._pos_embed(x)
+        x = self.norm_pre(self.patch_drop(x))
+        x = self.blocks(x)
+        return self.norm(x)
+
+
+def build_backbone(spec: BackboneSpec, masked_im_modeling: bool = False) -> ViTBackbone:
     """A timm ViT returning the final-norm CLS token (``num_classes=0``, token pooling)."""
-    return VisionTransformer(
+    return ViTBackbone(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
         embed_dim=spec.embed_dim,
@@ -63,6 +111,7 @@ def build_backbone(spec: BackboneSpec) -> VisionTransformer:
         global_pool="token",
         dynamic_img_size=True,
         drop_path_rate=spec.drop_path_rate,
+        masked_im_modeling=masked_im_modeling,
     )
 
 
@@ -128,6 +177,63 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1, p=2)
         return self.last_layer(x)
+
+
+class IBOTHead(DINOHead):
+    """iBOT's head (official ``models/head.py``, ``iBOTHead``): the DINO head's MLP applied to every
+    token, CLS tokens projected onto ``out_dim`` prototypes (``last_layer``) and patch tokens onto
+    ``patch_out_dim`` prototypes of their own (``last_layer2``), or onto the same ones with
+    ``shared_head``. ``forward`` on ``(batch, in_dim)`` CLS features behaves as the DINO head.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        patch_out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        shared_head: bool = False,
+    ):
+        super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
+        if shared_head:
+            if patch_out_dim != out_dim:
+                raise ValueError(f"a shared head needs patch_out_dim == out_dim, got {patch_out_dim} and {out_dim}")
+            self.last_layer2 = self.last_layer
+        else:
+            self.last_layer2 = WeightNormLinear(bottleneck_dim, patch_out_dim)
+            if norm_last_layer:
+                self.last_layer2.weight_g.requires_grad = False
+
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, 1 + patches, in_dim)`` → CLS logits ``(batch, out_dim)`` and patch logits
+        ``(batch, patches, patch_out_dim)``."""
+        x = F.normalize(self.mlp(tokens), dim=-1, p=2)
+        return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
+
+
+class MaskedMultiCropWrapper(nn.Module):
+    """Backbone + iBOT head for one iBOT step (official ``MultiCropWrapper`` with ``return_all_tokens``).
+
+    ``forward(global_crops, masks, local_crops)``: the global crops ``(ngcrops * batch, 3, H, W)``
+    (crop-major) go through the backbone with their ``masks`` ``(ngcrops * batch, h, w)`` (None: nothing
+    masked, the teacher's view) and give CLS and patch logits; the local crops (a list of equally sized
+    batches, possibly empty) give CLS logits only. Returns ``(cls, patch, local_cls or None)``. One module
+    call per step, so DistributedDataParallel sees every parameter used in ``forward``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: IBOTHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(
+        self, global_crops: torch.Tensor, masks: torch.Tensor | None = None, local_crops: list[torch.Tensor] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cls, patch = self.head.forward_tokens(self.backbone.forward_tokens(global_crops, masks))
+        local_cls = self.head(self.backbone(torch.cat(list(local_crops)))) if len(local_crops) else None
+        return cls, patch, local_cls
 
 
 class MultiCropWrapper(nn.Module):

@@ -1,32 +1,43 @@
-"""The DINO training loop: one visible step (teacher, student, loss, clip, step, EMA).
+"""The DINO and iBOT training loop: one visible step (teacher, student, loss, clip, step, EMA).
 
-Follows ``train_one_epoch`` of the official ``main_dino.py``; schedules are per iteration, the teacher
-is an EMA of the student and never receives gradients.
+Follows ``train_one_epoch`` of the official ``main_dino.py`` and ``main_ibot.py``: schedules are per
+iteration, the teacher is an EMA of the student and never receives gradients. Runs in one process or
+under ``torchrun`` (DDP; every rank computes the same EMA, rank 0 writes files).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .augment import MultiCropAugmentation, MultiCropConfig
-from .config import TrainConfig
 from .checkpoint import BACKBONE_FORMAT, FORMAT_VERSION, FULL_FORMAT, atomic_save, strip_prefix
+from .config import TrainConfig
 from .data import open_dataset
-from .losses import DINOLoss
-from .models import BackboneSpec, DINOHead, MultiCropWrapper, build_backbone
+from .losses import DINOLoss, IBOTLoss
+from .masking import BlockMaskGenerator
+from .models import BackboneSpec, DINOHead, IBOTHead, MaskedMultiCropWrapper, MultiCropWrapper, build_backbone
 from .schedules import cosine_scheduler
+from .views import EpochShardSampler, TrainingViews
 
 log = logging.getLogger(__name__)
+
+LOSS_STATE_KEY = {"dino": "dino_loss", "ibot": "ibot_loss"}  # the official checkpoints' names
 
 
 def _param_groups(model: nn.Module) -> list[dict]:
@@ -49,7 +60,7 @@ def clip_gradients(model: nn.Module, clip: float) -> None:
                 p.grad.data.mul_(scale)
 
 
-def cancel_last_layer_gradients(model: MultiCropWrapper, epoch: int, freeze_last_layer: int) -> None:
+def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
     if epoch < freeze_last_layer:
         for name, p in model.named_parameters():
             if "last_layer" in name:
@@ -60,124 +71,363 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_models(cfg: TrainConfig) -> tuple[BackboneSpec, MultiCropWrapper, MultiCropWrapper]:
+def build_models(cfg: TrainConfig) -> tuple[BackboneSpec, nn.Module, nn.Module]:
+    """Student and teacher (same architecture, teacher without drop-path, equal initial weights)."""
     spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
-    student = MultiCropWrapper(
-        build_backbone(spec),
-        DINOHead(spec.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                 norm_last_layer=cfg.norm_last_layer),
-    )
-    teacher = MultiCropWrapper(
-        build_backbone(BackboneSpec(**{**spec.to_dict(), "drop_path_rate": 0.0})),
-        DINOHead(spec.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim),
-    )
+    ibot = cfg.method == "ibot"
+
+    def network(drop_path_rate: float) -> nn.Module:
+        backbone = build_backbone(BackboneSpec(**{**spec.to_dict(), "drop_path_rate": drop_path_rate}),
+                                  masked_im_modeling=ibot)
+        if ibot:
+            return MaskedMultiCropWrapper(backbone, IBOTHead(
+                spec.embed_dim, cfg.out_dim, cfg.patch_out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                norm_last_layer=cfg.norm_last_layer, shared_head=cfg.shared_head))
+        return MultiCropWrapper(backbone, DINOHead(spec.embed_dim, cfg.out_dim, cfg.hidden_dim,
+                                                   cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer))
+
+    student, teacher = network(spec.drop_path_rate), network(0.0)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     return spec, student, teacher
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Train, writing ``checkpoint.pth`` every epoch and ``teacher_backbone.pth`` at the end.
+def teacher_statistics(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> tuple[float, float]:
+    """Collapse indicators of the teacher's centred, sharpened distribution ``(batch, K)``.
 
-    Resumes from ``<output>/checkpoint.pth`` when it exists. Returns the output directory.
+    Returns the mean per-image entropy (→ log K when every output is uniform) and the KL divergence of
+    the batch-mean distribution from uniform (→ log K when every image picks the same prototype). DINO's
+    paper (section 5.3) tracks the pair: a healthy run has a low entropy and a high but bounded KL.
     """
-    if cfg.method != "dino":
-        raise ValueError(f"method {cfg.method!r} is not available; this trainer implements 'dino'")
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    probs = F.softmax((teacher_logits.float() - center.float()) / temp, dim=-1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
+    mean = probs.mean(dim=0)
+    kl_uniform = (mean * torch.log(mean.clamp_min(1e-12) * probs.shape[-1])).sum()
+    return float(entropy), float(kl_uniform)
 
-    augmentation = MultiCropAugmentation(MultiCropConfig(
-        cfg.global_size, cfg.local_size, cfg.global_scale, cfg.local_scale, cfg.local_crops_number
-    ))
-    dataset = open_dataset(cfg.data, transform=augmentation)
-    if len(dataset) < cfg.batch_size:
-        raise ValueError(f"dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
-    loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
-    )
 
-    spec, student, teacher = build_models(cfg)
-    loss_fn = DINOLoss(cfg.out_dim, augmentation.ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
-                       min(cfg.warmup_teacher_temp_epochs, cfg.epochs), cfg.epochs, cfg.student_temp,
-                       cfg.center_momentum)
-    optimizer = torch.optim.AdamW(_param_groups(student))
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a CUDA device (its grad scaler is for GPUs); use fp32 or bf16 on CPU")
+    return precision
 
-    iters = len(loader)
-    lr_schedule = cosine_scheduler(cfg.lr * cfg.batch_size / 256.0, cfg.min_lr, cfg.epochs, iters,
-                                  min(cfg.warmup_epochs, cfg.epochs))
-    wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, iters)
-    momentum_schedule = cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, iters)
 
-    start_epoch = 0
-    ckpt_path = out / "checkpoint.pth"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        loss_fn.load_state_dict(state["dino_loss"])
-        start_epoch = state["epoch"]
-        log.info("resuming from %s at epoch %d", ckpt_path, start_epoch)
+class MetricsWriter:
+    """Per-step metrics to ``metrics.csv`` (and TensorBoard when enabled and installed)."""
 
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    history = out / "log.jsonl"
-    for epoch in range(start_epoch, cfg.epochs):
-        student.train()
-        bar = tqdm(total=iters * cfg.batch_size, unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=True)
-        losses, started = [], time.perf_counter()
-        for it, (crops, _) in enumerate(loader):
-            step = epoch * iters + it
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(lr_schedule[step])
-                if i == 0:
-                    group["weight_decay"] = float(wd_schedule[step])
+    def __init__(self, out: Path, columns: list[str], start_epoch: int, tensorboard: bool):
+        self.path = out / "metrics.csv"
+        self.columns = columns
+        kept = []
+        if self.path.exists():  # a resumed run: drop rows of epochs it will redo
+            with open(self.path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) < start_epoch]
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=columns)
+        self.writer.writeheader()
+        self.writer.writerows({k: row.get(k, "") for k in columns} for row in kept)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed; metrics go to metrics.csv only")
+            else:
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=None)
 
-            with torch.no_grad():
-                teacher_out = teacher(crops[:2])
-            student_out = student(crops)
-            loss = loss_fn(student_out, teacher_out, epoch)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch}, iteration {it}: training diverged; "
-                    "lower the learning rate or the teacher temperature, or raise clip_grad protection"
-                )
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{key}", value, row["step"])
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                clip_gradients(student, cfg.clip_grad)
-            cancel_last_layer_gradients(student, epoch, cfg.freeze_last_layer)
-            optimizer.step()
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(name, value, step)
 
-            with torch.no_grad():  # EMA teacher
-                m = float(momentum_schedule[step])
-                for ps, pt in zip(student.parameters(), teacher.parameters()):
-                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+    def flush(self) -> None:
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
 
-            losses.append(loss.item())
-            bar.update(cfg.batch_size)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_schedule[step]:.2e}")
-        bar.close()
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
-        elapsed = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses),
-                  "images_per_s": iters * cfg.batch_size / elapsed}
-        with open(history, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        atomic_save({
+
+class Trainer:
+    """Everything one training run needs; :meth:`fit` runs the remaining epochs."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.rt = distributed.setup(cfg.device)
+        self.device = self.rt.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.out = Path(cfg.output)
+        if self.rt.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+
+        augmentation = MultiCropAugmentation(MultiCropConfig(
+            cfg.global_size, cfg.local_size, cfg.global_scale, cfg.local_scale, cfg.local_crops_number,
+            cfg.color_jitter, cfg.grayscale_p))
+        self.ncrops = augmentation.ncrops
+        dataset = open_dataset(cfg.data)
+        per_step = cfg.batch_size * self.rt.world_size
+        if len(dataset) < per_step:
+            raise ValueError(f"dataset has {len(dataset)} images, fewer than one step of {per_step} "
+                             f"({cfg.batch_size} per process x {self.rt.world_size} processes)")
+        masks = None
+        if cfg.method == "ibot":
+            masks = BlockMaskGenerator(cfg.pred_ratio, cfg.pred_ratio_var, cfg.pred_aspect)
+        views = TrainingViews(dataset, augmentation, cfg.seed, masks, cfg.global_size // cfg.patch_size,
+                              cfg.pred_start_epoch)
+        self.sampler = EpochShardSampler(len(dataset), cfg.seed, self.rt.rank, self.rt.world_size)
+        self.loader = DataLoader(views, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                 pin_memory=self.device.type == "cuda")
+
+        self.spec, self.student, self.teacher = build_models(cfg)
+        self.student.to(self.device)
+        self.teacher.to(self.device)
+        self.student_ddp = self.student
+        if self.rt.distributed:
+            self.student_ddp = DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        epochs = cfg.epochs
+        warmup_temp_epochs = min(cfg.warmup_teacher_temp_epochs, epochs)
+        if cfg.method == "ibot":
+            self.loss_fn = IBOTLoss(
+                cfg.out_dim, cfg.patch_out_dim, 2, cfg.local_crops_number, cfg.warmup_teacher_temp,
+                cfg.teacher_temp, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp, warmup_temp_epochs,
+                epochs, cfg.student_temp, cfg.center_momentum, cfg.center_momentum, cfg.lambda1, cfg.lambda2,
+                mim_start_epoch=min(cfg.pred_start_epoch, epochs))
+        else:
+            self.loss_fn = DINOLoss(cfg.out_dim, self.ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                    warmup_temp_epochs, epochs, cfg.student_temp, cfg.center_momentum)
+        self.loss_fn.to(self.device)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student), fused=fused)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+        self.iters = len(self.loader)
+        self.lr_schedule = cosine_scheduler(cfg.lr * per_step / 256.0, cfg.min_lr, epochs, self.iters,
+                                            min(cfg.warmup_epochs, epochs))
+        self.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, epochs, self.iters)
+        self.momentum_schedule = cosine_scheduler(cfg.momentum_teacher, 1.0, epochs, self.iters)
+        self.start_epoch = self._resume()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _resume(self) -> int:
+        explicit = Path(self.cfg.resume) if self.cfg.resume else None
+        path = explicit or self.out / "checkpoint.pth"
+        if explicit is not None and not explicit.is_file():
+            raise FileNotFoundError(f"--resume {explicit}: no such checkpoint")
+        if not path.is_file():
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != FULL_FORMAT:
+            raise ValueError(f"{path} is not a dinoserve training checkpoint (format {state.get('format')!r})")
+        if state["method"] != self.cfg.method or state["backbone"]["arch"] != self.spec.arch:
+            raise ValueError(f"{path} is a {state['method']} run of {state['backbone']['arch']}; this run is "
+                             f"{self.cfg.method} of {self.spec.arch}: use another --output or matching options")
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_fn.load_state_dict(state[LOSS_STATE_KEY[self.cfg.method]])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        log.info("resuming from %s after epoch %d", path, state["epoch"])
+        return int(state["epoch"])
+
+    def _save(self, epochs_done: int) -> None:
+        # Every rank computes the same EMA; record each rank's teacher fingerprint as proof.
+        fingerprints = distributed.gather_objects(distributed.fingerprint(self.teacher))
+        if not self.rt.is_main:
+            return
+        cfg = self.cfg
+        state = {
             "format": FULL_FORMAT, "version": FORMAT_VERSION, "method": cfg.method,
-            "backbone": spec.to_dict(), "config": asdict(cfg), "epoch": epoch + 1,
-            "student": student.state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(), "dino_loss": loss_fn.state_dict(),
-        }, ckpt_path)
+            "backbone": self.spec.to_dict(), "config": asdict(cfg), "epoch": epochs_done,
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), LOSS_STATE_KEY[cfg.method]: self.loss_fn.state_dict(),
+            "world_size": self.rt.world_size, "teacher_fingerprints": fingerprints,
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        atomic_save(state, self.out / "checkpoint.pth")
+        if cfg.saveckp_freq and epochs_done % cfg.saveckp_freq == 0:
+            atomic_save(state, self.out / f"checkpoint{epochs_done:04d}.pth")
+        backbone = strip_prefix(self.teacher.state_dict(), "backbone.")
+        backbone.pop("masked_embed", None)  # serving never masks
+        atomic_save({
+            "format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "method": cfg.method,
+            "backbone": {**self.spec.to_dict(), "drop_path_rate": 0.0}, "state_dict": backbone,
+        }, self.out / "teacher_backbone.pth")
 
-    atomic_save({
-        "format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "method": cfg.method,
-        "backbone": {**spec.to_dict(), "drop_path_rate": 0.0},
-        "state_dict": strip_prefix(teacher.state_dict(), "backbone."),
-    }, out / "teacher_backbone.pth")
-    return out
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return nullcontext()
+
+    def _forward_loss(self, crops: list[torch.Tensor], masks: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch and the teacher statistics; the loss functions update their centres."""
+        temp = float(self.loss_fn.teacher_temp_schedule[epoch])
+        if self.cfg.method == "dino":
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:2])
+            student_out = self.student_ddp(crops)
+            entropy, kl = teacher_statistics(teacher_out, self.loss_fn.center, temp)
+            loss = self.loss_fn(student_out, teacher_out, epoch)
+            return loss, {"teacher_entropy": entropy, "teacher_kl_uniform": kl}
+        global_crops = torch.cat(crops[:2])
+        student_mask = torch.cat([masks[:, 0], masks[:, 1]])  # crop-major, like the crops
+        with torch.no_grad():
+            teacher_cls, teacher_patch, _ = self.teacher(global_crops)
+        student_cls, student_patch, local_cls = self.student_ddp(global_crops, student_mask, crops[2:])
+        entropy, kl = teacher_statistics(teacher_cls, self.loss_fn.center, temp)
+        parts = self.loss_fn((student_cls, student_patch), (teacher_cls, teacher_patch), local_cls,
+                             [masks[:, 0], masks[:, 1]], epoch)
+        return parts["loss"], {"cls_loss": parts["cls"].item(), "patch_loss": parts["patch"].item(),
+                               "teacher_entropy": entropy, "teacher_kl_uniform": kl,
+                               "masked_ratio": float(student_mask.float().mean())}
+
+    def _step(self, crops: list[torch.Tensor], masks: torch.Tensor, epoch: int, it: int) -> dict:
+        step = epoch * self.iters + it
+        lr, wd = float(self.lr_schedule[step]), float(self.wd_schedule[step])
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:
+                group["weight_decay"] = wd
+        crops = [c.to(self.device, non_blocking=True) for c in crops]
+        masks = masks.to(self.device, non_blocking=True)
+
+        with self._autocast():
+            loss, stats = self._forward_loss(crops, masks, epoch)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch}, iteration {it} (rank {self.rt.rank}): training "
+                "diverged. Lower the learning rate, the teacher temperature or the EMA rate, or enable "
+                "gradient clipping (--clip-grad 3.0); resume from the last checkpoint afterwards.")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.clip_grad:
+            clip_gradients(self.student, self.cfg.clip_grad)
+        cancel_last_layer_gradients(self.student, epoch, self.cfg.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+        m = float(self.momentum_schedule[step])
+        with torch.no_grad():  # EMA teacher
+            for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "wd": wd, "momentum": m,
+               "teacher_temp": float(self.loss_fn.teacher_temp_schedule[epoch])}
+        if self.cfg.method == "ibot":
+            row["teacher_patch_temp"] = float(self.loss_fn.teacher_temp2_schedule[epoch])
+        row.update(stats)
+        return row
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def _columns(self) -> list[str]:
+        columns = ["step", "epoch", "loss"]
+        if self.cfg.method == "ibot":
+            columns += ["cls_loss", "patch_loss", "masked_ratio", "teacher_patch_temp"]
+        return columns + ["lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "teacher_kl_uniform",
+                          "images_per_s"]
+
+    def fit(self) -> Path:
+        cfg, main = self.cfg, self.rt.is_main
+        if self.start_epoch >= cfg.epochs:
+            log.info("nothing to do: the checkpoint already holds %d of %d epochs", self.start_epoch, cfg.epochs)
+            return self.out
+        metrics = None
+        if main:
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            metrics = MetricsWriter(self.out, self._columns(), self.start_epoch, cfg.tensorboard)
+        images_per_step = cfg.batch_size * self.rt.world_size
+        bar = tqdm(total=(cfg.epochs - self.start_epoch) * self.iters * images_per_step, unit="img",
+                   disable=not (self.progress and main), dynamic_ncols=True, smoothing=0.1)
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                self.sampler.set_epoch(epoch)
+                torch.manual_seed(cfg.seed + epoch)  # drop-path draws: a resumed epoch repeats them
+                self.student.train()
+                bar.set_description(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}")
+                losses, started = [], time.perf_counter()
+                last = started
+                for it, (crops, masks) in enumerate(self.loader):
+                    row = self._step(crops, masks, epoch, it)
+                    now = time.perf_counter()  # data loading included: what the run really sustains
+                    row["images_per_s"], last = images_per_step / (now - last), now
+                    losses.append(row["loss"])
+                    if metrics is not None:
+                        metrics.write(row)
+                    bar.update(images_per_step)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                elapsed = time.perf_counter() - started
+                record = {"epoch": epoch + 1,
+                          "loss": distributed.all_reduce_mean(float(np.mean(losses)), self.device),
+                          "images_per_s": self.iters * images_per_step / elapsed}
+                self._save(epoch + 1)
+                if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and main:
+                    record.update(self._knn_monitor())
+                    metrics.scalar("knn/top1", record["knn_top1"], (epoch + 1) * self.iters)
+                if main:
+                    with open(self.out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    metrics.flush()
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        return self.out
+
+    def _knn_monitor(self) -> dict:
+        from .evaluate import class_count, extract_features, knn_classifier
+
+        cfg = self.cfg
+        train_set, val_set = open_dataset(cfg.knn_train), open_dataset(cfg.knn_val)
+        num_classes = class_count(train_set, val_set)
+        size = cfg.knn_size or cfg.global_size
+        backbone = self.teacher.backbone
+        train_feats = extract_features(backbone, train_set, progress=False, size=size)
+        val_feats = extract_features(backbone, val_set, progress=False, size=size)
+        k = min(cfg.knn_k, len(train_set))
+        top1, top5 = knn_classifier(*train_feats, *val_feats, k, 0.07, num_classes)
+        log.info("k-NN monitor (k=%d, %d px): top-1 %.2f, top-5 %.2f", k, size, top1, top5)
+        return {"knn_top1": top1, "knn_top5": top5}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train (resuming from ``<output>/checkpoint.pth`` or ``cfg.resume``); returns the output directory.
+
+    Writes ``checkpoint.pth`` (resumable) and ``teacher_backbone.pth`` after every epoch, per-step
+    ``metrics.csv`` (and TensorBoard events), per-epoch ``log.jsonl`` and ``config.json``.
+    """
+    trainer = Trainer(cfg, progress)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.teardown()

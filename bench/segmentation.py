@@ -1,0 +1,199 @@
+"""Mask quality and endpoint latency of ``POST /v1/segment`` on the synthetic shapes data.
+
+Quality: mean IoU (Jaccard) of each foreground method against the exact object masks of held-out
+synthetic images (``make_sample(index, seed=--seed)``; the demo model trained on seed 0), for a checkpoint
+and for the same architecture freshly initialised. The masks come from the functions the endpoint uses
+(``service.segmentation``), at the endpoint's geometry (shorter side ``--size``, masks back at the
+image size); the model runs in PyTorch through the exported graph (``training.export.BundleGraph``, the
+module ``dinoserve export`` writes to ONNX; onnxruntime agrees with it to ~1e-5).
+
+"Best head" follows DINO's protocol of scoring a model's best head: the head is chosen on a separate
+selection split (indices after the evaluation ones) and scored on the evaluation split. "Oracle head"
+takes the best head of every image by its ground truth: an upper bound no endpoint can offer.
+
+Latency (``--latency``): ``dinoserve serve`` of a bundle, a 1 MP JPEG posted as multipart with default
+options, median over repeated requests after a warm-up.
+
+    .venv/bin/python bench/segmentation.py --checkpoint demo/dinoserve-demo.pth --images 200
+    .venv/bin/python bench/segmentation.py --latency --bundle demo/model_repository/dinoserve-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from service.embedded_triton import free_port
+from service.model_card import Preprocess
+from service.segmentation import (
+    attention_masks,
+    grid_to_image,
+    model_input_size,
+    patch_mask,
+    segmentation_input,
+)
+from training.data import make_sample
+
+COMBINED = ("mean", "union", "tokencut")
+
+
+def iou(mask: np.ndarray, truth: np.ndarray) -> float:
+    union = np.logical_or(mask, truth).sum()
+    return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height or width)
+
+
+def scores(model: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], indices: range, seed: int,
+           image_size: tuple[int, int], size: int, keep_mass: float, patch: int,
+           desc: str) -> dict[str, np.ndarray]:
+    """IoU per image ``(len(indices),)`` for each combined method and ``(len(indices), heads)`` per head;
+    ``model`` maps ``pixel_values`` ``(3, H, W)`` to ``attention`` ``(heads, h*w)`` and ``patch_tokens``."""
+    spec = Preprocess()  # the card's preprocessing: what `dinoserve export` writes
+    out: dict[str, list] = {m: [] for m in (*COMBINED, "heads")}
+    for index in tqdm(indices, desc=desc, unit="img", leave=False):
+        sample = make_sample(index, size=image_size, seed=seed)
+        input_size = model_input_size(*sample.image.size, size, patch)
+        attention, tokens = model(segmentation_input(sample.image, input_size, spec))
+        grid = (input_size[1] // patch, input_size[0] // patch)
+
+        def score(grid_mask: np.ndarray) -> float:
+            return iou(grid_to_image(grid_mask, sample.image.size), sample.mask)
+
+        for method in COMBINED:
+            out[method].append(score(patch_mask(method, attention, grid, keep_mass, patch_tokens=tokens)))
+        out["heads"].append([score(m) for m in attention_masks(attention, grid, keep_mass)])
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def quality(args: argparse.Namespace) -> None:
+    # torch only here: the latency run measures the torch-free gateway and should not share the CPU with it
+    import torch
+
+    from training.export import BundleGraph, build_model, load_backbone
+    from training.models import build_backbone
+
+    spec, _, weights = load_backbone(args.checkpoint)
+    torch.manual_seed(0)
+    models = {"random init": build_backbone(spec).eval(),
+              f"trained ({args.checkpoint.name})": build_model(spec, weights)}
+    evaluation = range(args.images)
+    selection = range(args.images, args.images + args.select_images)
+    print(f"{spec.arch}/{spec.patch_size}, held-out synthetic seed {args.seed}, images "
+          f"{args.image_size[0]}x{args.image_size[1]}, size {args.size}, keep_mass {args.keep_mass}; "
+          f"{len(evaluation)} evaluation images (indices 0-{evaluation[-1]}), head chosen on "
+          f"{len(selection)} more; mean IoU")
+    print("| model | mean | union | best head (chosen) | oracle head | tokencut |")
+    print("|---|---|---|---|---|---|")
+    for name, vit in models.items():
+        graph = BundleGraph(vit).eval()
+
+        def model(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                _, attention, tokens = graph(torch.from_numpy(pixels)[None])
+            return attention[0].numpy(), tokens[0].numpy()
+
+        chosen = scores(model, selection, args.seed, args.image_size, args.size, args.keep_mass,
+                        spec.patch_size, f"{name}: selection")
+        best = int(chosen["heads"].mean(axis=0).argmax())
+        got = scores(model, evaluation, args.seed, args.image_size, args.size, args.keep_mass,
+                     spec.patch_size, f"{name}: evaluation")
+        print(f"| {name} | {got['mean'].mean():.3f} | {got['union'].mean():.3f} | "
+              f"{got['heads'][:, best].mean():.3f} (head {best}) | {got['heads'].max(axis=1).mean():.3f} | "
+              f"{got['tokencut'].mean():.3f} |", flush=True)
+    truth = [make_sample(i, size=args.image_size, seed=args.seed).mask for i in evaluation]
+    print(f"whole image as the mask: {np.mean([m.mean() for m in truth]):.3f}")
+
+
+def one_megapixel_jpeg() -> bytes:
+    buf = io.BytesIO()
+    make_sample(0, size=(1152, 864), seed=1).image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def latency(args: argparse.Namespace) -> None:
+    bundle = args.bundle.resolve()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-segment-{port}.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dinoserve"), "serve", "--repository", str(bundle.parent),
+         "--model", bundle.name, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited; see {log.name}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"server not ready after 600 s; see {log.name}")
+        image = one_megapixel_jpeg()
+        print(f"1 MP JPEG: 1152x864, {len(image) / 1e3:.0f} kB; size = the card's default; "
+              f"{args.runs} requests after 3 warm-up, one at a time")
+        print("| method | outputs | median ms | p90 ms | failed |")
+        print("|---|---|---|---|---|")
+        with httpx.Client(timeout=120) as client:
+            for method, outputs in (("mean", "mask_png,grid"), ("mean", "mask_png,rle,grid,heads,overlay"),
+                                    ("tokencut", "mask_png,grid")):
+                times, failures = [], []
+                for run in range(3 + args.runs):
+                    started = time.perf_counter()
+                    response = client.post(f"{url}/v1/segment", files={"image": ("photo.jpg", image, "image/jpeg")},
+                                           data={"method": method, "outputs": outputs})
+                    elapsed = time.perf_counter() - started
+                    if response.status_code != 200:  # counted and shown, not timed
+                        failures.append(f"request {run + 1}: {response.status_code} {response.text}")
+                    elif run >= 3:
+                        times.append(elapsed * 1e3)
+                median, p90 = ((f"{statistics.median(times):.0f}", f"{statistics.quantiles(times, n=10)[-1]:.0f}")
+                               if len(times) > 1 else ("-", "-"))
+                print(f"| {method} | {outputs} | {median} | {p90} | {len(failures)} |", flush=True)
+                for failure in failures:
+                    print(f"  {failure}", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("demo/dinoserve-demo.pth"),
+                        help="trained checkpoint; the random-init baseline is the same architecture")
+    parser.add_argument("--images", type=int, default=200, help="evaluation images")
+    parser.add_argument("--select-images", type=int, default=100, help="images to choose the best head on")
+    parser.add_argument("--seed", type=int, default=1, help="synthetic data seed; the demo trains on seed 0")
+    parser.add_argument("--image-size", type=parse_size, default=(160, 120), help="WxH of the synthetic images")
+    parser.add_argument("--size", type=int, default=480,
+                        help="shorter side of the model input (the endpoint's default)")
+    parser.add_argument("--keep-mass", type=float, default=0.6, help="DINO's threshold (0.6 in the paper)")
+    parser.add_argument("--latency", action="store_true", help="measure the endpoint instead of the quality")
+    parser.add_argument("--bundle", type=Path, default=Path("demo/model_repository/dinoserve-demo"),
+                        help="model directory to serve for --latency")
+    parser.add_argument("--runs", type=int, default=20, help="timed requests per configuration for --latency")
+    args = parser.parse_args()
+    latency(args) if args.latency else quality(args)
+
+
+if __name__ == "__main__":
+    main()
