@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -60,6 +61,17 @@ def _request_body(model: type[BaseModel], multipart: dict | None = None, require
     if multipart:
         content["multipart/form-data"] = {"schema": {"type": "object", "properties": multipart}}
     return {"requestBody": {"required": required, "content": content}}
+
+
+@dataclass
+class _NewItem:
+    """One item of an add request, before embedding: an image or a vector."""
+
+    id: str | None
+    image: bytes | None
+    vector: list[float] | None
+    label: str | None
+    metadata: dict
 
 
 class _MultipartItemFields(BaseModel):
@@ -192,8 +204,8 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
         await call(store_of(request).drop_collection, check_name(name))
         return {"name": name, "deleted": True}
 
-    async def read_items(request: Request) -> list[tuple[str | None, bytes | None, list | None, str | None, dict]]:
-        """(id, image bytes, vector, label, metadata) per item, from JSON or multipart."""
+    async def read_items(request: Request) -> list[_NewItem]:
+        """The items of an add request, from JSON or multipart."""
         if body_kind(request, settings) == "multipart":
             form = await read_form(request, max_files=settings.max_images_per_request + 1)
             files = _files(form, "images", "image")
@@ -201,15 +213,16 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
                 raise ApiError(422, "validation_error", "multipart body has no file parts named 'images'")
             if len(files) > settings.max_images_per_request:
                 raise too_large(f"{len(files)} images in one request; the limit is {settings.max_images_per_request}")
-            metadata = [{} if m is None else _parse_json(m, "metadata") for m in _per_file(form, "metadata", len(files))]
+            metadata = [{} if m is None else _parse_json(m, "metadata")
+                        for m in _per_file(form, "metadata", len(files))]
             fields = [validate(_MultipartItemFields, {"id": i, "label": lab, "metadata": m}) for i, lab, m in
                       zip(_per_file(form, "id", len(files)), _per_file(form, "label", len(files)), metadata)]
-            return [(f.id, await file.read(), None, f.label, f.metadata) for f, file in zip(fields, files)]
+            return [_NewItem(f.id, await file.read(), None, f.label, f.metadata) for f, file in zip(fields, files)]
         parsed = await read_json(request, settings, AddItemsRequest)
         if len(parsed.items) > MAX_VECTORS:
             raise too_large(f"{len(parsed.items)} items in one request; the limit is {MAX_VECTORS}")
-        return [(it.id, None if it.image is None else decode_base64(it.image.data, f"items[{n}].image.data"),
-                 it.vector, it.label, it.metadata) for n, it in enumerate(parsed.items)]
+        return [_NewItem(it.id, None if it.image is None else decode_base64(it.image.data, f"items[{n}].image.data"),
+                         it.vector, it.label, it.metadata) for n, it in enumerate(parsed.items)]
 
     @router.post("/v1/collections/{name}/items", response_model=AddItemsResponse, responses=RESPONSES,
                  openapi_extra=_request_body(AddItemsRequest, {
@@ -224,22 +237,23 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
         store = store_of(request)
         info = await call(store.describe, check_name(name))
         entries = await read_items(request)
-        ids = [entry[0] for entry in entries if entry[0] is not None]
+        ids = [entry.id for entry in entries if entry.id is not None]
         if len(set(ids)) != len(ids):
             raise ApiError(422, "validation_error", "an id appears twice in one request")
         for i, entry in enumerate(entries):
-            if len(json.dumps(entry[4])) > 65536:
+            if len(json.dumps(entry.metadata)) > 65536:
                 raise ApiError(422, "validation_error", f"items[{i}].metadata is over 64 KiB of JSON")
         vectors: list[np.ndarray | None] = [None] * len(entries)
-        images = [(i, e[1]) for i, e in enumerate(entries) if e[1] is not None]
+        images = [i for i, entry in enumerate(entries) if entry.image is not None]
         if images:
             check_model(info)
-            for (i, _), vector in zip(images, await embed([data for _, data in images])):
+            for i, vector in zip(images, await embed([entries[i].image for i in images])):
                 vectors[i] = vector
         for i, entry in enumerate(entries):
-            if entry[2] is not None:
-                vectors[i] = _matrix([entry[2]], info.dim, f"items[{i}].vector", single=True)[0]
-        items = [Item(entry[0] or uuid.uuid4().hex, vector, entry[3], entry[4]) for entry, vector in zip(entries, vectors)]
+            if entry.vector is not None:
+                vectors[i] = _matrix([entry.vector], info.dim, f"items[{i}].vector", single=True)[0]
+        items = [Item(entry.id or uuid.uuid4().hex, vector, entry.label, entry.metadata)
+                 for entry, vector in zip(entries, vectors)]
         result = await call(store.upsert, name, items)
         return AddItemsResponse(collection=name, ids=[item.id for item in items], added=result.added,
                                 updated=result.updated, unchanged=result.unchanged)

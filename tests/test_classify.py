@@ -62,7 +62,8 @@ def classify(api, **body) -> dict:
 
 def test_class_votes_equal_the_official_formula_on_random_neighbours():
     rng = np.random.default_rng(0)
-    train, test = unit(rng.normal(size=(120, 16))).astype(np.float32), unit(rng.normal(size=(30, 16))).astype(np.float32)
+    train = unit(rng.normal(size=(120, 16))).astype(np.float32)
+    test = unit(rng.normal(size=(30, 16))).astype(np.float32)
     train_labels = rng.integers(0, 6, size=120)
     probs, predictions, distances, indices = official_knn(torch.from_numpy(train), torch.from_numpy(train_labels),
                                                           torch.from_numpy(test), 20, 0.07, 6)
@@ -86,7 +87,8 @@ def test_classify_matches_the_official_eval_knn_formula_and_eval_knn(api):
     train, train_labels = clusters(seed=1, per_class=20, spread=3.5)
     test, test_labels = clusters(seed=2, per_class=5, spread=3.5)
     assert api.put("/v1/collections/knn-train").status_code == 201
-    items = [{"id": f"t{i}", "vector": v.tolist(), "label": CLASSES[y]} for i, (v, y) in enumerate(zip(train, train_labels))]
+    items = [{"id": f"t{i}", "vector": v.tolist(), "label": CLASSES[y]}
+             for i, (v, y) in enumerate(zip(train, train_labels))]
     items.append({"id": "unlabelled", "vector": test[0].tolist()})  # must not vote
     assert api.post("/v1/collections/knn-train/items", json={"items": items}).status_code == 200
 

@@ -207,8 +207,8 @@ def test_filters_on_label_and_metadata_keys_match_brute_force_on_the_subset(api,
         expected = top_k(query, [ids[n] for n in subset], vectors[subset], 8) if subset else []
         assert_same_ranking(search(api, name, vector=query.tolist(), k=8, filter=where), expected)
 
-    error(api.post(f"/v1/collections/{name}/search", json={"vector": query.tolist(), "filter": {"metadata": {"n": 1.5}}}),
-          422, "validation_error")
+    error(api.post(f"/v1/collections/{name}/search",
+                   json={"vector": query.tolist(), "filter": {"metadata": {"n": 1.5}}}), 422, "validation_error")
     error(api.post(f"/v1/collections/{name}/search", json={"vector": query.tolist(), "filter": {"colour": "red"}}),
           422, "validation_error")
 
