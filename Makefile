@@ -13,8 +13,11 @@ MODEL ?= dinoserve-demo
 DEMO_CHECKPOINT := demo/dinoserve-demo.pth
 BUNDLE := $(REPOSITORY)/$(MODEL)/1/model.onnx
 PYTEST_ARGS ?=
+# The demo page's browser test drives Debian's chromium (Playwright downloads no browser here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install test serve bundle demo-model clean
+.PHONY: install test serve bundle demo-model demo-screenshot clean
 
 install: $(STAMP)
 
@@ -28,8 +31,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-compile -e '.[all,test]'
 	@touch $@
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 bundle: $(BUNDLE)
 
@@ -43,7 +50,11 @@ serve: $(STAMP) $(BUNDLE)
 demo-model: $(STAMP)
 	$(BIN)/dinoserve train --config demo/train.toml --output runs/demo
 	cp runs/demo/teacher_backbone.pth $(DEMO_CHECKPOINT)
-	$(BIN)/dinoserve export $(DEMO_CHECKPOINT) --repository demo/model_repository --name dinoserve-demo
+	$(BIN)/dinoserve export $(DEMO_CHECKPOINT) --repository demo/model_repository --name dinoserve-demo --version 1
+
+# Re-takes docs/demo-page.png, the README's picture of the demo page, from the demo bundle.
+demo-screenshot: $(STAMP) $(CHROMIUM)
+	$(BIN)/python demo/screenshot.py
 
 clean:
 	rm -rf $(REPOSITORY) runs .pytest_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .collections import open_store
 from .collections_api import collections_router
+from .demo_page import demo_page_router
+from .demo_samples import fill_demo_collection
 from .errors import ApiError, too_large
 from .images import decode_image, preprocess
 from .model_card import ModelCard
@@ -103,10 +105,18 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
     async def lifespan(app: FastAPI):
         app.state.store = await run_in_threadpool(open_store, settings.vector_store, settings.data_dir)
         task = asyncio.create_task(warm_up())
+        demo = None
+        if settings.demo_collection:
+            demo = asyncio.create_task(fill_demo_collection(settings.demo_collection, app.state.store, card,
+                                                            backend, model_ready=task))
         try:
             yield
         finally:
             task.cancel()
+            if demo is not None:
+                demo.cancel()
+                with suppress(asyncio.CancelledError):
+                    await demo  # a write in progress finishes before the store closes
             await backend.close()
             await run_in_threadpool(app.state.store.close)
 
@@ -176,4 +186,5 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
 
     app.include_router(segment_router(settings, card, backend))
     app.include_router(collections_router(settings, card, backend))
+    app.include_router(demo_page_router(settings))
     return app

@@ -98,7 +98,16 @@ def _add_export(sub) -> None:
                    help="training method recorded in the model card (default: read from the file)")
     p.add_argument("--cache-dir", type=Path,
                    help="where hub downloads are kept (default: $DINOSERVE_CACHE_DIR or ~/.cache/dinoserve)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="ONNX arithmetic: fp32, or fp16 weights and compute for GPUs (inputs and outputs stay "
+                        "fp32; verified by the embedding's cosine to fp32 >= 0.999); TensorRT engines are fp16")
+    p.add_argument("--version", type=int,
+                   help="version folder to write (default: one past the newest, 1 for a new model, so a new "
+                        "export rolls out next to the old one; Triton serves the newest)")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
+    p.add_argument("--max-queue-size", type=int, default=256,
+                   help="requests Triton's batcher holds before refusing more (bounded queue)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per device in Triton")
     p.add_argument("--queue-delay-us", type=int, default=2000,
                    help="Triton dynamic batcher's max queue delay; trades latency for batch size")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
@@ -148,6 +157,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--vector-store", help="collections: 'embedded' (SQLite + FAISS in the data dir), "
                                           "'qdrant://HOST:PORT' or 'qdrant-local' (default: embedded)")
     p.add_argument("--log-level", help="debug, info, warning, error (default: info)")
+    p.add_argument("--demo-collection", help="collection of the demo page at /, filled with labelled samples when "
+                                             "absent; '' disables it (default: demo)")
 
 
 def _train(args) -> int:
@@ -193,7 +204,8 @@ def _export(args) -> int:
     try:
         model_dir = export_bundle(args.checkpoint, args.repository, args.name, args.checkpoint_key,
                                   args.max_batch_size, args.queue_delay_us, args.verify, not args.quiet,
-                                  args.format, args.num_heads, args.pos_interpolation, args.method, args.cache_dir)
+                                  args.format, args.num_heads, args.pos_interpolation, args.method, args.cache_dir,
+                                  args.precision, args.version, args.max_queue_size, args.instances)
     except (ValueError, RuntimeError, OSError) as error:
         raise SystemExit(f"dinoserve export: {error}") from None
     print(f"wrote {model_dir}")
@@ -217,7 +229,8 @@ def _serve(args) -> int:
     from service.server import serve
     from service.settings import Settings
 
-    names = ("repository", "model", "host", "port", "data_dir", "triton_url", "vector_store", "log_level")
+    names = ("repository", "model", "host", "port", "data_dir", "triton_url", "vector_store", "log_level",
+             "demo_collection")
     return serve(Settings.load({n: getattr(args, n) for n in names}))
 
 

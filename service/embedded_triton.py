@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model_card import OUTPUT_NAMES, ModelCard
+from .model_card import OUTPUT_NAMES, ModelCard, latest_model_file
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class EmbeddedTriton:
         if self.threads:
             options.intra_op_num_threads = self.threads
         session = ort.InferenceSession(
-            str(self.model_dir / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            str(latest_model_file(self.model_dir)), options, providers=["CPUExecutionProvider"]
         )
         input_name = self.card.input_name
         names = [self.card.output_name(o) for o in OUTPUT_NAMES]

@@ -23,6 +23,24 @@ REQUIRED_FIELDS = (
 )
 
 
+def model_versions(model_dir: str | Path) -> list[int]:
+    """The numeric version folders of a bundle that hold a model file, oldest first."""
+    found = []
+    for entry in Path(model_dir).iterdir() if Path(model_dir).is_dir() else ():
+        if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0 and (
+                (entry / "model.onnx").is_file() or (entry / "model.plan").is_file()):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def latest_model_file(model_dir: str | Path, filename: str = "model.onnx") -> Path:
+    """``<model_dir>/<newest version>/<filename>``: the file Triton's default version policy serves."""
+    versions = [v for v in model_versions(model_dir) if (Path(model_dir) / str(v) / filename).is_file()]
+    if not versions:
+        raise FileNotFoundError(f"no version folder with {filename} in {model_dir}")
+    return Path(model_dir) / str(versions[-1]) / filename
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """DINO's evaluation transform: shorter side to ``resize``, centre crop ``crop``, normalise."""

@@ -29,6 +29,9 @@ class Settings:
     max_image_pixels: int = 40_000_000  # checked from the header, before decoding
     max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
+    # The demo page's collection (`/`): created and filled with labelled synthetic samples on a start where it
+    # is absent, never touched when present; empty disables the page's search and k-NN panels and the fill.
+    demo_collection: str | None = "demo"
 
     @classmethod
     def load(cls, overrides: dict | None = None, environ: dict | None = None) -> "Settings":

@@ -24,8 +24,8 @@ def process_tree(pid: int) -> list[int]:
 
 class Server:
     """``args`` are added to the command line (they win over the defaults: the data directory is
-    ``log``'s folder / "data"); ``triton_url`` is the embedded Triton's HTTP endpoint, for other gateways'
-    ``--triton-url``."""
+    ``log``'s folder / "data"; the demo collection is off, ``--demo-collection NAME`` turns it on);
+    ``triton_url`` is the embedded Triton's HTTP endpoint, for other gateways' ``--triton-url``."""
 
     def __init__(self, bundle: Path, log: Path, args: Sequence[str] = ()):
         self.port = free_port()
@@ -36,7 +36,8 @@ class Server:
             [str(Path(sys.executable).parent / "dinoserve"), "serve", "--repository", str(bundle.parent),
              "--model", bundle.name, "--port", str(self.port), "--data-dir", str(log.parent / "data"), *args],
             stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "DINOSERVE_TRITON_HTTP_PORT": self.triton_url.split(":")[1]},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "DINOSERVE_TRITON_HTTP_PORT": self.triton_url.split(":")[1],
+                 "DINOSERVE_DEMO_COLLECTION": ""},
         )
 
     def wait_ready(self, timeout: float = 180) -> None:

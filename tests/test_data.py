@@ -146,7 +146,7 @@ def test_mask_is_exactly_the_pixels_at_least_half_covered(monkeypatch):
     # it the object covers, so the mask can be checked pixel by pixel.
     flat = np.array([20.0, 40.0, 60.0], dtype=np.float32)
     monkeypatch.setattr(
-        synthetic, "_background", lambda rng, w, h: ("flat", np.tile(flat, (h, w, 1)))
+        synthetic, "_background", lambda rng, w, h, kinds: ("flat", np.tile(flat, (h, w, 1)))
     )
     monkeypatch.setattr(synthetic, "_PIXEL_NOISE_RANGE", (0.0, 0.0))
     for i in range(2 * len(CLASSES)):
@@ -333,6 +333,17 @@ def test_open_dataset_parses_synthetic_specs(spec, n, size, seed):
 def test_open_dataset_rejects_malformed_synthetic_specs(spec):
     with pytest.raises(ValueError, match="spec"):
         open_dataset(spec)
+
+
+def test_synthetic_spec_can_restrict_the_backgrounds_without_changing_the_default():
+    only = open_dataset("synthetic:24:32:3:gradient+checker")
+    assert {only.sample(i).background for i in range(24)} == {"gradient", "checker"}
+    everything = open_dataset("synthetic:24:32:3:" + "+".join(BACKGROUNDS))
+    for i in range(6):  # listing every kind is the default stream, byte for byte
+        assert everything.sample(i).image.tobytes() == make_sample(i, 32, 3).image.tobytes()
+    for spec in ("synthetic:4:32:0:grass", "synthetic:4:32:0:gradient+"):
+        with pytest.raises(ValueError, match="backgrounds must be a non-empty selection of gradient"):
+            open_dataset(spec)
 
 
 def test_open_dataset_opens_other_specs_as_folders(tmp_path):

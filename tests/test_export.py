@@ -10,7 +10,7 @@ import torch
 
 from training.checkpoint import sha256_file
 from training.export import load_backbone
-from training.models import build_backbone
+from training.models import BackboneSpec, build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,78 @@ def test_export_refuses_a_file_that_holds_no_vit(tmp_path):
     torch.save({"weights": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="does not hold a ViT backbone: missing patch_embed.proj.weight"):
         load_backbone(path)
+
+
+def test_triton_config_parses_as_triton_model_config_with_a_bounded_queue_and_warmup(bundle):
+    """Parsed with Triton's own ModelConfig protobuf schema (shipped in tritonclient): a typo or an
+    unknown field fails here as it would in tritonserver."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((bundle / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "tiny" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 64
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 256
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.version_policy.latest.num_versions == 1
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_AUTO, 1)]
+    (warmup,) = config.model_warmup
+    assert warmup.batch_size == 1
+    assert list(warmup.inputs["pixel_values"].dims) == [3, 224, 224] and warmup.inputs["pixel_values"].zero_data
+    assert [o.name for o in config.output] == ["embedding", "attention", "patch_tokens"]
+
+
+def test_a_new_export_rolls_out_as_the_next_version_and_the_newest_is_served(trained_run, tmp_path):
+    from service.model_card import latest_model_file, model_versions
+    from training.export import export_bundle
+
+    repository = tmp_path / "repository"
+    export_bundle(trained_run / "checkpoint.pth", repository, "tiny", verify=False, progress=False)
+    first = (repository / "tiny" / "1" / "model.onnx").read_bytes()
+    model_dir = export_bundle(trained_run / "checkpoint.pth", repository, "tiny", checkpoint_key="student",
+                              verify=False, progress=False)
+    assert model_versions(model_dir) == [1, 2]
+    assert (model_dir / "1" / "model.onnx").read_bytes() == first  # the old version is left in place
+    assert latest_model_file(model_dir) == model_dir / "2" / "model.onnx"
+    card = json.loads((model_dir / "dinoserve.json").read_text())
+    assert card["version"] == 2 and card["source"]["checkpoint_key"] == "student"
+
+    export_bundle(trained_run / "checkpoint.pth", repository, "tiny", verify=False, progress=False, version=1)
+    assert model_versions(model_dir) == [1, 2]  # an explicit version is overwritten, not added
+
+
+def test_another_architecture_is_refused_next_to_existing_versions(trained_run, tmp_path):
+    from training.export import export_bundle
+    from training.weights import CheckpointError
+
+    repository = tmp_path / "repository"
+    model_dir = export_bundle(trained_run / "checkpoint.pth", repository, "tiny", verify=False, progress=False)
+    other = tmp_path / "wider.pth"
+    spec = BackboneSpec.from_arch("vit_micro", 16, 224)
+    torch.save(build_backbone(spec).state_dict(), other)
+    before = sorted(p.relative_to(repository) for p in repository.rglob("*"))
+    with pytest.raises(CheckpointError, match="width 96, 2 heads; this checkpoint is patch 16, width 192, 3 heads"):
+        export_bundle(other, repository, "tiny", verify=False, progress=False)
+    assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
+    assert json.loads((model_dir / "dinoserve.json").read_text())["embed_dim"] == 96
+
+
+def test_fp16_variant_keeps_fp32_inputs_and_outputs_and_the_embedding_direction(trained_run, reference, tmp_path):
+    from training.export import export_bundle
+
+    model_dir = export_bundle(trained_run / "checkpoint.pth", tmp_path / "repository", "tiny16",
+                              precision="fp16", progress=False)  # verify: cosine >= 0.999 at three sizes
+    onnx_path = model_dir / "1" / "model.onnx"
+    assert json.loads((model_dir / "dinoserve.json").read_text())["precision"] == "fp16"
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float)"
+    assert all(o.type == "tensor(float)" for o in session.get_outputs())
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    embedding = session.run(["embedding"], {"pixel_values": x.numpy()})[0]
+    with torch.no_grad():
+        want = reference(x).numpy()
+    cosine = (embedding * want).sum(-1) / (np.linalg.norm(embedding, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cosine.min() >= 0.999 and np.abs(embedding - want).max() > 0  # fp16 arithmetic, not a copy of fp32
+    import onnx
+
+    weights = onnx.load(str(onnx_path)).graph.initializer
+    assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) > len(weights) // 2

@@ -186,3 +186,19 @@ def test_gpu_run_uses_mixed_precision(tmp_path):
     rows = _metrics(tmp_path)
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert json.loads((tmp_path / "config.json").read_text())["precision"] == "auto"
+
+
+def test_bn_in_head_puts_batchnorm_between_the_mlp_layers_for_dino_only():
+    from training.trainer import build_models
+
+    cfg = TrainConfig.build(values={"arch": "vit_nano", "img_size": 64, "out_dim": 32, "hidden_dim": 16,
+                                    "bottleneck_dim": 8, "use_bn_in_head": True})
+    _, student, teacher = build_models(cfg)
+    for network in (student, teacher):
+        layers = [type(m).__name__ for m in network.head.mlp]
+        assert layers == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    plain = build_models(TrainConfig.build(values={"arch": "vit_nano", "img_size": 64, "out_dim": 32,
+                                                   "hidden_dim": 16, "bottleneck_dim": 8}))[1]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
+    with pytest.raises(ValueError, match="use_bn_in_head is a DINO option"):
+        TrainConfig.build(values={"method": "ibot", "use_bn_in_head": True})

@@ -31,6 +31,7 @@ class TrainConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    use_bn_in_head: bool = False  # BatchNorm in the DINO head's MLP (official --use_bn_in_head; DINO only)
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04  # values above 0.07 were unstable in the paper
     warmup_teacher_temp_epochs: int = 30
@@ -109,6 +110,8 @@ class TrainConfig:
         if self.global_size % self.patch_size or self.local_size % self.patch_size:
             raise ValueError(f"crop sizes ({self.global_size}, {self.local_size}) must be multiples of the "
                              f"patch size {self.patch_size}")
+        if self.use_bn_in_head and self.method != "dino":
+            raise ValueError("use_bn_in_head is a DINO option; the iBOT head projects every token")
         if self.knn_every and not (self.knn_train and self.knn_val):
             raise ValueError("knn_every needs knn_train and knn_val (labelled folders or synthetic:N specs)")
 

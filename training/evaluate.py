@@ -27,7 +27,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from service.knn import knn_accuracy
-from service.model_card import CARD_FILENAME, IMAGENET_MEAN, IMAGENET_STD, ModelCard
+from service.model_card import CARD_FILENAME, IMAGENET_MEAN, IMAGENET_STD, ModelCard, latest_model_file
 
 from .data import open_dataset
 from .export import build_model, load_backbone
@@ -132,7 +132,7 @@ def extract_bundle_features(
     card = ModelCard.load(model_dir)
     available = ort.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    session = ort.InferenceSession(str(Path(model_dir) / "1" / "model.onnx"), providers=providers)
+    session = ort.InferenceSession(str(latest_model_file(model_dir)), providers=providers)
     output = card.output_name("embedding")
 
     def embed(arrays: list[np.ndarray]) -> torch.Tensor:

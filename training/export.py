@@ -1,6 +1,6 @@
 """``dinoserve export``: checkpoint or hub name → Triton model-repository entry (DESIGN.md, contract 1).
 
-Writes ``<repository>/<name>/1/model.onnx`` (or ``1/model.plan``, a TensorRT engine), ``config.pbtxt``
+Writes ``<repository>/<name>/<version>/model.onnx`` (or ``model.plan``, a TensorRT engine), ``config.pbtxt``
 and the model card ``dinoserve.json``. The graph maps ``pixel_values [B, 3, H, W]`` to ``embedding``
 (final-norm CLS), ``attention`` (the last block's CLS→patch attention per head) and ``patch_tokens``,
 with B, H and W dynamic and the position embeddings interpolated inside the graph: as the official
@@ -18,6 +18,7 @@ from dataclasses import replace
 import shutil
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from service import __version__
 from service.model_card import (
-    CARD_FILENAME, FORMAT_VERSION, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAMES,
+    CARD_FILENAME, FORMAT_VERSION, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAMES, model_versions,
 )
 
 from .checkpoint import sha256_file
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_QUEUE_DELAY_US = 2000
+DEFAULT_MAX_QUEUE = 256  # requests waiting in Triton's batcher before it refuses more
 FORMATS = ("onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
 TENSORRT_MAX_SIDE = 512  # largest input side of the TensorRT engine's optimisation profile
 
 
@@ -115,7 +118,8 @@ def tensorrt_unavailable() -> str | None:
 
 
 def model_card(name: str, loaded: LoadedBackbone, source: Path, hub: HubWeights | None, fmt: str,
-               onnx_info: dict, max_batch: int, queue_delay_us: int) -> dict:
+               onnx_info: dict, max_batch: int, queue_delay_us: int, precision: str = "fp32",
+               version: int = 1, max_queue: int = DEFAULT_MAX_QUEUE, instances: int = 1) -> dict:
     spec = loaded.spec
     dtype = {"name": None, "dtype": "FP32"}
     prefix = 1 + getattr(spec, "reg_tokens", 0)
@@ -131,7 +135,8 @@ def model_card(name: str, loaded: LoadedBackbone, source: Path, hub: HubWeights 
         "num_prefix_tokens": prefix,
         "pos_embed": {"grid": [spec.img_size // spec.patch_size] * 2, "interpolation": loaded.pos_interpolation},
         "runtime": {"format": fmt, **({"tensorrt_max_side": TENSORRT_MAX_SIDE} if fmt == "tensorrt" else {})},
-        "precision": "fp16" if fmt == "tensorrt" else "fp32",
+        "precision": "fp16" if fmt == "tensorrt" else precision,
+        "version": version,
         "onnx": onnx_info,
         "preprocess": {"resize": 256, "crop": 224, "interpolation": "bicubic",
                        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
@@ -142,7 +147,8 @@ def model_card(name: str, loaded: LoadedBackbone, source: Path, hub: HubWeights 
             "attention": {**dtype, "name": "attention", "shape": ["B", spec.num_heads, "(H/p)*(W/p)"]},
             "patch_tokens": {**dtype, "name": "patch_tokens", "shape": ["B", "(H/p)*(W/p)", spec.embed_dim]},
         },
-        "serving": {"max_batch_size": max_batch, "max_queue_delay_microseconds": queue_delay_us},
+        "serving": {"max_batch_size": max_batch, "max_queue_delay_microseconds": queue_delay_us,
+                    "max_queue_size": max_queue, "instances": instances},
         "source": {
             "checkpoint": source.name, "sha256": sha256_file(source), "format": loaded.source_format,
             "checkpoint_key": loaded.checkpoint_key,
@@ -153,13 +159,25 @@ def model_card(name: str, loaded: LoadedBackbone, source: Path, hub: HubWeights 
     }
 
 
+def warmup_side(spec: BackboneSpec, crop: int = 224) -> int:
+    """The embedding input side (the card's centre crop), rounded to a multiple of the patch."""
+    return max(1, round(crop / spec.patch_size)) * spec.patch_size
+
+
 def triton_config(name: str, spec: BackboneSpec, max_batch: int, queue_delay_us: int,
-                  platform: str = "onnxruntime_onnx") -> str:
-    """``config.pbtxt`` for Triton's ONNX Runtime (or TensorRT) backend with dynamic batching."""
+                  platform: str = "onnxruntime_onnx", max_queue: int = DEFAULT_MAX_QUEUE,
+                  instances: int = 1) -> str:
+    """``config.pbtxt`` for Triton's ONNX Runtime (or TensorRT) backend: dynamic batching with a bounded
+    queue (requests beyond it are refused at once instead of waiting), ``instances`` copies of the model,
+    a warm-up inference at the embedding size so that readiness means warm, and the newest version
+    folder served."""
     d, h = spec.embed_dim, spec.num_heads
+    side = warmup_side(spec)
+    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
     return f"""name: "{name}"
 platform: "{platform}"
 max_batch_size: {max_batch}
+version_policy: {{ latest {{ num_versions: 1 }} }}
 input [
   {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ 3, -1, -1 ] }}
 ]
@@ -170,9 +188,31 @@ output [
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: {queue_delay_us}
+  default_queue_policy {{ max_queue_size: {max_queue} }}
 }}
-instance_group [ {{ kind: {"KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"} count: 1 }} ]
+instance_group [ {{ kind: {kind} count: {instances} }} ]
+model_warmup [
+  {{
+    name: "embedding_{side}x{side}"
+    batch_size: 1
+    inputs {{ key: "{INPUT_NAME}" value: {{ data_type: TYPE_FP32 dims: [ 3, {side}, {side} ] zero_data: true }} }}
+  }}
+]
 """
+
+
+def convert_fp16(onnx_path: Path) -> None:
+    """Rewrite the ONNX file with fp16 weights and arithmetic (for GPUs), keeping fp32 inputs and outputs
+    so the bundle contract holds; softmax and the layer norms stay in fp32 for range."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(onnx_path))
+    with warnings.catch_warnings():  # one warning per weight below fp16's smallest normal; clamping is intended
+        warnings.filterwarnings("ignore", "the float32 number", UserWarning)
+        model = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + ["LayerNormalization", "Softmax"])
+    onnx.save(model, str(onnx_path))
 
 
 def export_onnx(graph: BundleGraph, spec: BackboneSpec, path: Path) -> dict:
@@ -200,10 +240,11 @@ def verify_sizes(spec: BackboneSpec) -> list[tuple[int, int, int, int]]:
     return [(1, 3, grid * p, grid * p), (2, 3, 9 * p, 12 * p), (1, 3, 15 * p, 20 * p)]
 
 
-def verify_onnx(graph: BundleGraph, onnx_path: Path, spec: BackboneSpec,
-                atol: float = 1e-4) -> list[tuple[tuple, dict[str, float]]]:
-    """Compare onnxruntime with PyTorch at three sizes; returns the max abs differences per output and
-    raises when one exceeds ``atol``."""
+def verify_onnx(graph: BundleGraph, onnx_path: Path, spec: BackboneSpec, atol: float = 1e-4,
+                precision: str = "fp32", min_cosine: float = 0.999) -> list[tuple[tuple, dict[str, float]]]:
+    """Compare onnxruntime with PyTorch at three sizes; returns the differences per output and raises
+    when one is out of tolerance: max abs diff ``atol`` for fp32; for fp16, the cosine of every
+    ``embedding`` row to fp32 at least ``min_cosine`` and attention within 100 × ``atol``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -220,9 +261,15 @@ def verify_onnx(graph: BundleGraph, onnx_path: Path, spec: BackboneSpec,
                 raise RuntimeError(f"ONNX output {out_name!r} at input {shape} has shape {tuple(g.shape)}, "
                                    f"PyTorch {tuple(e.shape)}")
             diffs[out_name] = float(abs(e.numpy() - g).max())
-            if diffs[out_name] > atol:
+            limit = atol if precision == "fp32" else (100 * atol if out_name == "attention" else None)
+            if limit is not None and diffs[out_name] > limit:
                 raise RuntimeError(f"ONNX output {out_name!r} at input {shape} differs from PyTorch: max abs "
-                                   f"diff {diffs[out_name]:.2e} > {atol:.0e}")
+                                   f"diff {diffs[out_name]:.2e} > {limit:.0e}")
+        if precision == "fp16":
+            cosine = float(torch.nn.functional.cosine_similarity(torch.from_numpy(got[0]), expected[0], dim=-1).min())
+            diffs["embedding_cosine"] = cosine
+            if cosine < min_cosine:
+                raise RuntimeError(f"fp16 embedding at input {shape} has cosine {cosine:.5f} to fp32 (< {min_cosine})")
         report.append((shape, diffs))
     return report
 
@@ -295,26 +342,62 @@ def verify_tensorrt(graph: BundleGraph, plan_path: Path, spec: BackboneSpec,
     return report
 
 
+def next_version(model_dir: Path, spec: BackboneSpec) -> int:
+    """The version folder a new export goes to: 1 for a new model, else one past the newest; refuses to
+    put a different architecture next to existing versions (config.pbtxt describes them all)."""
+    versions = model_versions(model_dir)
+    if not versions:
+        return 1
+    check_same_architecture(model_dir, spec)
+    return versions[-1] + 1
+
+
+def check_same_architecture(model_dir: Path, spec: BackboneSpec) -> None:
+    card_path = model_dir / CARD_FILENAME
+    if not (model_versions(model_dir) and card_path.is_file()):
+        return
+    card = json.loads(card_path.read_text())
+    old = (card.get("patch_size"), card.get("embed_dim"), card.get("num_heads"))
+    new = (spec.patch_size, spec.embed_dim, spec.num_heads)
+    if old != new:
+        raise CheckpointError(
+            f"{model_dir} holds versions {', '.join(map(str, model_versions(model_dir)))} of a ViT with patch "
+            f"{old[0]}, width {old[1]}, {old[2]} heads; this checkpoint is patch {new[0]}, width {new[1]}, "
+            f"{new[2]} heads: export it under another --name")
+
+
 def export_bundle(source: str | Path, repository: Path, name: str, checkpoint_key: str = "teacher",
                   max_batch: int = DEFAULT_MAX_BATCH, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
                   verify: bool = True, progress: bool = True, fmt: str = "onnx", num_heads: int | None = None,
                   pos_interpolation: str | None = None, method: str | None = None,
-                  cache_dir: Path | None = None) -> Path:
-    """Export a checkpoint file or hub name into ``repository/name``; returns the model directory.
+                  cache_dir: Path | None = None, precision: str = "fp32", version: int | None = None,
+                  max_queue: int = DEFAULT_MAX_QUEUE, instances: int = 1) -> Path:
+    """Export a checkpoint file or hub name into ``repository/name/<version>``; returns the model directory.
 
-    With ``verify`` the exported file is run (onnxruntime, or TensorRT for an engine) and compared with
+    ``version`` defaults to one past the newest existing version (1 for a new model), so a new export
+    rolls out next to the old one (Triton serves the newest); an explicit version is overwritten. With
+    ``verify`` the exported file is run (onnxruntime, or TensorRT for an engine) and compared with
     PyTorch at three sizes. Raises :class:`CheckpointError` (one line) for files that cannot be exported.
     """
     if fmt not in FORMATS:
         raise CheckpointError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if precision not in PRECISIONS:
+        raise CheckpointError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if version is not None and version < 1:
+        raise CheckpointError(f"--version must be 1 or more, got {version}")
     if fmt == "tensorrt" and (reason := tensorrt_unavailable()):
         raise CheckpointError(f"--format tensorrt needs TensorRT and an NVIDIA GPU: {reason}; export --format "
                               "onnx here and build the engine on the GPU host")
     repository = Path(repository)
+    model_dir = repository / name
     path, hub = resolve_source(source, cache_dir, progress)
     loaded = load_checkpoint(path, checkpoint_key, num_heads, pos_interpolation)
     if method or hub:
         loaded = replace(loaded, method=method or hub.method)
+    if version is None:
+        version = next_version(model_dir, loaded.spec)
+    else:
+        check_same_architecture(model_dir, loaded.spec)
     graph = BundleGraph(fit_weights(loaded.spec, loaded.weights, str(path))).eval()
 
     started = time.perf_counter()
@@ -326,23 +409,26 @@ def export_bundle(source: str | Path, repository: Path, name: str, checkpoint_ke
         if fmt == "tensorrt":
             artefact = Path(staging) / "model.plan"
             build_tensorrt_engine(onnx_path, artefact, loaded.spec, max_batch)
+        elif precision == "fp16":
+            convert_fp16(onnx_path)
         bar.update(1)
         if verify:
-            check = verify_tensorrt if fmt == "tensorrt" else verify_onnx
-            for shape, diffs in check(graph, artefact, loaded.spec):
+            for shape, diffs in (verify_tensorrt(graph, artefact, loaded.spec) if fmt == "tensorrt" else
+                                 verify_onnx(graph, artefact, loaded.spec, precision=precision)):
                 log.info("verified %s: %s", "x".join(map(str, shape)),
                          ", ".join(f"{k} {v:.5f}" if "cosine" in k else f"{k} {v:.1e}" for k, v in diffs.items()))
             bar.update(1)
-        model_dir = repository / name
-        version_dir = model_dir / "1"
+        version_dir = model_dir / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("model.onnx", "model.plan"):
             (version_dir / stale).unlink(missing_ok=True)
         shutil.move(str(artefact), version_dir / artefact.name)
     platform = "tensorrt_plan" if fmt == "tensorrt" else "onnxruntime_onnx"
-    (model_dir / "config.pbtxt").write_text(triton_config(name, loaded.spec, max_batch, queue_delay_us, platform))
-    card = model_card(name, loaded, path, hub, fmt, onnx_info, max_batch, queue_delay_us)
+    (model_dir / "config.pbtxt").write_text(
+        triton_config(name, loaded.spec, max_batch, queue_delay_us, platform, max_queue, instances))
+    card = model_card(name, loaded, path, hub, fmt, onnx_info, max_batch, queue_delay_us, precision, version,
+                      max_queue, instances)
     (model_dir / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
     bar.close()
-    log.info("exported %s to %s in %.1f s", source, model_dir, time.perf_counter() - started)
+    log.info("exported %s to %s (version %d) in %.1f s", source, model_dir, version, time.perf_counter() - started)
     return model_dir

@@ -83,8 +83,8 @@ def build_models(cfg: TrainConfig) -> tuple[BackboneSpec, nn.Module, nn.Module]:
             return MaskedMultiCropWrapper(backbone, IBOTHead(
                 spec.embed_dim, cfg.out_dim, cfg.patch_out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                 norm_last_layer=cfg.norm_last_layer, shared_head=cfg.shared_head))
-        return MultiCropWrapper(backbone, DINOHead(spec.embed_dim, cfg.out_dim, cfg.hidden_dim,
-                                                   cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer))
+        return MultiCropWrapper(backbone, DINOHead(spec.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                                                   use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer))
 
     student, teacher = network(spec.drop_path_rate), network(0.0)
     teacher.load_state_dict(student.state_dict())
@@ -195,6 +195,11 @@ class Trainer:
                                  pin_memory=self.device.type == "cuda")
 
         self.spec, self.student, self.teacher = build_models(cfg)
+        if cfg.use_bn_in_head and self.rt.distributed and self.device.type == "cuda":
+            # Batch statistics over the global batch, as the official code does (SyncBatchNorm is CUDA-only;
+            # gloo workers on CPUs normalise with their own share of the batch).
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
         self.student.to(self.device)
         self.teacher.to(self.device)
         self.student_ddp = self.student

@@ -10,12 +10,13 @@ from typing import IO, Any
 
 from PIL import Image, ImageOps
 
-from .synthetic import SyntheticShapes
+from .synthetic import BACKGROUNDS, SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
-SYNTHETIC_SPEC_FORMAT = "synthetic:N[:SIZE[:SEED]] with SIZE an int or WIDTHxHEIGHT"
-_SYNTHETIC_SPEC = re.compile(r"synthetic:(\d+)(?::(\d+)(?:x(\d+))?(?::(\d+))?)?")
+SYNTHETIC_SPEC_FORMAT = ("synthetic:N[:SIZE[:SEED[:BACKGROUNDS]]] with SIZE an int or WIDTHxHEIGHT and "
+                         "BACKGROUNDS kinds joined by + (gradient, noise, stripes, checker; default all)")
+_SYNTHETIC_SPEC = re.compile(r"synthetic:(\d+)(?::(\d+)(?:x(\d+))?(?::(\d+)(?::([a-z+]+))?)?)?")
 
 
 def load_image(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
@@ -91,7 +92,7 @@ def open_dataset(
     spec: str | os.PathLike[str],
     transform: Callable[[Image.Image], Any] | None = None,
 ) -> SyntheticShapes | ImageFolder:
-    """``synthetic:N[:SIZE[:SEED]]`` gives SyntheticShapes, anything else ImageFolder."""
+    """``synthetic:N[:SIZE[:SEED[:BACKGROUNDS]]]`` gives SyntheticShapes, anything else ImageFolder."""
     if not (isinstance(spec, str) and spec.split(":", 1)[0] == "synthetic"):
         return ImageFolder(spec, transform)
     match = _SYNTHETIC_SPEC.fullmatch(spec)
@@ -99,11 +100,12 @@ def open_dataset(
         raise ValueError(
             f"malformed dataset spec {spec!r}; expected {SYNTHETIC_SPEC_FORMAT}, N >= 1"
         )
-    n, width, height, seed = match.groups()
+    n, width, height, seed, backgrounds = match.groups()
     size: int | tuple[int, int] = 128
     if width is not None:
         size = int(width) if height is None else (int(width), int(height))
     try:
-        return SyntheticShapes(int(n), size, int(seed or 0), transform)
+        kinds = BACKGROUNDS if backgrounds is None else tuple(backgrounds.split("+"))
+        return SyntheticShapes(int(n), size, int(seed or 0), transform, kinds)
     except ValueError as error:
         raise ValueError(f"bad dataset spec {spec!r}: {error}") from error

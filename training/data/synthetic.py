@@ -114,8 +114,9 @@ def _smooth_noise(rng: np.random.Generator, width: int, height: int, cell: float
     return np.asarray(grid.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> tuple[str, np.ndarray]:
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+def _background(rng: np.random.Generator, width: int, height: int,
+                kinds: tuple[str, ...]) -> tuple[str, np.ndarray]:
+    kind = kinds[int(rng.integers(len(kinds)))]
     colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     period = max(2.0, rng.uniform(0.06, 0.2) * min(width, height))
@@ -154,12 +155,24 @@ def _object_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarr
     return best
 
 
-def make_sample(index: int, size: Size = 128, seed: int = 0) -> SyntheticSample:
+def parse_backgrounds(backgrounds: Sequence[str]) -> tuple[str, ...]:
+    """Validate a non-empty selection of BACKGROUNDS, returned in BACKGROUNDS order."""
+    unknown = sorted(set(backgrounds) - set(BACKGROUNDS))
+    if unknown or not backgrounds:
+        raise ValueError(f"backgrounds must be a non-empty selection of {', '.join(BACKGROUNDS)}, "
+                         f"got {'+'.join(backgrounds) or 'none'}")
+    return tuple(kind for kind in BACKGROUNDS if kind in backgrounds)
+
+
+def make_sample(index: int, size: Size = 128, seed: int = 0,
+                backgrounds: Sequence[str] = BACKGROUNDS) -> SyntheticSample:
     """Generate sample ``index``; the class is ``index % len(CLASSES)``.
 
-    ``size`` is an int (square) or ``(width, height)``. The result depends only
-    on ``(index, size, seed)``, byte for byte.
+    ``size`` is an int (square) or ``(width, height)``; ``backgrounds`` restricts the background kinds
+    drawn from (all by default). The result depends only on ``(index, size, seed, backgrounds)``, byte
+    for byte; with every kind allowed it is the same as before the option existed.
     """
+    kinds = parse_backgrounds(backgrounds)
     index, seed = operator.index(index), operator.index(seed)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be non-negative, got {index} and {seed}")
@@ -167,7 +180,7 @@ def make_sample(index: int, size: Size = 128, seed: int = 0) -> SyntheticSample:
     rng = np.random.default_rng([seed, index])
     label = index % len(CLASSES)
 
-    kind, background = _background(rng, width, height)
+    kind, background = _background(rng, width, height, kinds)
     colour = _object_colour(rng, background)
     radius = rng.uniform(*_SCALE_RANGE) * min(width, height) / 2
     angle = rng.uniform(0, 2 * math.pi)
@@ -203,8 +216,10 @@ class SyntheticShapes:
         size: Size = 128,
         seed: int = 0,
         transform: Callable[[Image.Image], Any] | None = None,
+        backgrounds: Sequence[str] = BACKGROUNDS,
     ) -> None:
         self.n = operator.index(n)
+        self.backgrounds = parse_backgrounds(backgrounds)
         self.seed = operator.index(seed)
         if self.n < 0 or self.seed < 0:
             raise ValueError(f"n and seed must be non-negative, got {self.n} and {self.seed}")
@@ -220,7 +235,7 @@ class SyntheticShapes:
             i += self.n
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} samples")
-        return make_sample(i, self.size, self.seed)
+        return make_sample(i, self.size, self.seed, self.backgrounds)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         sample = self.sample(i)
