@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .auth import ApiKeys, access_control
 from .collections import open_store
 from .collections_api import collections_router
 from .demo_page import demo_page_router
@@ -78,9 +79,11 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     return vector.tolist()
 
 
-def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> FastAPI:
-    """The ASGI app. Readiness turns true once the model has answered a warm-up request."""
+def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys: ApiKeys | None) -> FastAPI:
+    """The ASGI app. Readiness turns true once the model has answered a warm-up request. With ``keys``, every
+    ``/v1`` endpoint needs one of them (collection changes a write key); None serves without auth."""
     state = {"ready": False}
+    access = access_control(keys)
 
     async def warm_up() -> None:
         spec = card.preprocess
@@ -129,7 +132,7 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -152,7 +155,8 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
         tensors = await asyncio.gather(*(run_in_threadpool(prepare, data) for data in images))
         return np.stack(tensors)
 
-    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=access.read,
+              responses={**ERROR_RESPONSES, **access.read_responses},
               openapi_extra=_multipart_or_json(EmbeddingsRequest), tags=["embeddings"])
     async def embeddings(request: Request) -> EmbeddingsResponse:
         """Embed one or more images: the CLS token after the final norm (DINO's k-NN feature)."""
@@ -165,7 +169,7 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
             Embedding(index=i, embedding=_encode(v, body.options["encoding_format"])) for i, v in enumerate(vectors)
         ])
 
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], dependencies=access.read, responses=access.read_responses)
     async def models() -> dict:
         """The model card(s) served: architecture, preprocessing, outputs, source checkpoint."""
         return {"object": "list", "data": [card.raw]}
@@ -184,7 +188,9 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend) -> F
             ApiError(503, "not_ready", f"model {card.name} is not ready").body(), status_code=503
         )
 
-    app.include_router(segment_router(settings, card, backend))
-    app.include_router(collections_router(settings, card, backend))
+    app.include_router(segment_router(settings, card, backend), dependencies=access.read,
+                       responses=access.read_responses)
+    app.include_router(collections_router(settings, card, backend, access), dependencies=access.read,
+                       responses=access.read_responses)
     app.include_router(demo_page_router(settings))
     return app

@@ -159,6 +159,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--log-level", help="debug, info, warning, error (default: info)")
     p.add_argument("--demo-collection", help="collection of the demo page at /, filled with labelled samples when "
                                              "absent; '' disables it (default: demo)")
+    p.add_argument("--api-keys-file", type=Path,
+                   help="API keys, one entry per line: KEY (read and write), KEY:read or KEY:write; '#' comments. "
+                        "DINOSERVE_API_KEYS takes comma-separated entries (not an option: the command line is "
+                        "visible to every user of the machine)")
+    p.add_argument("--auth", choices=["auto", "on", "off"],
+                   help="auto: keys required when configured; without keys, serve on a loopback address only. "
+                        "on: keys always required. off: no keys, even on a public address (default: auto)")
 
 
 def _train(args) -> int:
@@ -226,12 +233,16 @@ def _eval_knn(args) -> int:
 
 
 def _serve(args) -> int:
+    from service.auth import AuthConfigError
     from service.server import serve
     from service.settings import Settings
 
     names = ("repository", "model", "host", "port", "data_dir", "triton_url", "vector_store", "log_level",
-             "demo_collection")
-    return serve(Settings.load({n: getattr(args, n) for n in names}))
+             "demo_collection", "api_keys_file", "auth")
+    try:
+        return serve(Settings.load({n: getattr(args, n) for n in names}))
+    except AuthConfigError as error:
+        raise SystemExit(f"dinoserve serve: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

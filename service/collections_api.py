@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
+from .auth import Access
 from .collections import CollectionInfo, Hit, IndexConfig, Item, ItemFilter, VectorStore, check_name
 from .collections_schemas import (
     MAX_K, AddItemsRequest, AddItemsResponse, Classification, ClassifyRequest, ClassifyResponse, ClassScore,
@@ -134,9 +135,11 @@ def _where(spec: SearchFilter | None, labelled: bool = False) -> ItemFilter:
     return ItemFilter(label=spec.label, metadata=dict(spec.metadata), labelled=labelled)
 
 
-def collections_router(settings: Settings, card: ModelCard, backend: TritonBackend) -> APIRouter:
-    """The collection and classification endpoints; the store is ``app.state.store`` (opened by the app)."""
+def collections_router(settings: Settings, card: ModelCard, backend: TritonBackend, access: Access) -> APIRouter:
+    """The collection and classification endpoints; the store is ``app.state.store`` (opened by the app).
+    The endpoints that change a collection take ``access.write``; the app adds ``access.read`` to all."""
     router = APIRouter()
+    writes = {"dependencies": access.write, "responses": {**RESPONSES, **access.write_responses}}
 
     def store_of(request: Request) -> VectorStore:
         return request.app.state.store
@@ -172,9 +175,8 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
             raise too_large(f"{len(vectors)} vectors in one request; the limit is {MAX_VECTORS}")
         return _matrix(vectors, info.dim, "vector" if single else "vectors", single)
 
-    @router.put("/v1/collections/{name}", response_model=CollectionResponse, status_code=201,
-                responses=RESPONSES, openapi_extra=_request_body(CreateCollectionRequest, required=False),
-                tags=["collections"])
+    @router.put("/v1/collections/{name}", response_model=CollectionResponse, status_code=201, **writes,
+                openapi_extra=_request_body(CreateCollectionRequest, required=False), tags=["collections"])
     async def create_collection(name: str, request: Request) -> CollectionResponse:
         """Create a collection for the served model's embeddings (409 if it exists)."""
         check_name(name)
@@ -198,7 +200,7 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
     async def describe_collection(name: str, request: Request) -> CollectionResponse:
         return _collection_response(await call(store_of(request).describe, check_name(name)))
 
-    @router.delete("/v1/collections/{name}", responses=RESPONSES, tags=["collections"])
+    @router.delete("/v1/collections/{name}", tags=["collections"], **writes)
     async def drop_collection(name: str, request: Request) -> dict:
         """Delete a collection and all its items."""
         await call(store_of(request).drop_collection, check_name(name))
@@ -224,7 +226,7 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
         return [_NewItem(it.id, None if it.image is None else decode_base64(it.image.data, f"items[{n}].image.data"),
                          it.vector, it.label, it.metadata) for n, it in enumerate(parsed.items)]
 
-    @router.post("/v1/collections/{name}/items", response_model=AddItemsResponse, responses=RESPONSES,
+    @router.post("/v1/collections/{name}/items", response_model=AddItemsResponse, **writes,
                  openapi_extra=_request_body(AddItemsRequest, {
                      "images": IMAGE_FILES, "id": {"type": "array", "items": {"type": "string"}},
                      "label": {"type": "array", "items": {"type": "string"}},
@@ -274,7 +276,7 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
         return ItemResponse(id=item.id, label=item.label, metadata=item.metadata,
                             vector=item.vector.tolist() if vector else None)
 
-    @router.delete("/v1/collections/{name}/items/{item_id:path}", responses=RESPONSES, tags=["collections"])
+    @router.delete("/v1/collections/{name}/items/{item_id:path}", tags=["collections"], **writes)
     async def delete_item(name: str, item_id: str, request: Request) -> dict:
         await call(store_of(request).delete, check_name(name), item_id)
         return {"id": item_id, "deleted": True}

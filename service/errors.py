@@ -6,11 +6,12 @@ from __future__ import annotations
 class ApiError(Exception):
     """An error the caller can act on, with its HTTP status and a stable machine-readable code."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers  # e.g. the WWW-Authenticate challenge of a 401
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}

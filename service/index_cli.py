@@ -93,11 +93,12 @@ def file_stamp(path: Path) -> dict:
 class Gateway:
     """The few calls the command needs, with retries on overload and unavailability."""
 
-    def __init__(self, url: str, timeout: float = 120.0):
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0):
         import httpx
 
         self.httpx = httpx
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, **kwargs):
         for attempt in range(RETRIES + 1):
@@ -186,13 +187,13 @@ def send(gateway: Gateway, collection: str, batch: list[Source]) -> tuple[dict, 
 
 
 def index_add(url: str, collection: str, paths: list[Path], batch_size: int = 16, concurrency: int = 4,
-              index: str = "exact", progress: bool = True) -> Report:
+              index: str = "exact", progress: bool = True, api_key: str | None = None) -> Report:
     from tqdm import tqdm
 
     report = Report()
     sources = find_images(paths)
     report.found = len(sources)
-    gateway = Gateway(url)
+    gateway = Gateway(url, api_key)
     started = time.monotonic()
     try:
         if gateway.ensure_collection(collection, index):
@@ -245,7 +246,8 @@ def add_index_parser(sub) -> None:
         "add", help="embed a folder tree into a collection",
         description="Embed every image under PATHs into COLLECTION (created if missing): labels from "
                     "first-level sub-folders, ids from paths relative to PATH. Re-running sends only new or "
-                    "changed files; unreadable files are skipped and listed.")
+                    "changed files; unreadable files are skipped and listed. A gateway that requires API keys "
+                    "gets a write key from $DINOSERVE_API_KEY.")
     add.add_argument("collection", metavar="COLLECTION")
     add.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image folders or files")
     add.add_argument("--url", default=os.environ.get("DINOSERVE_URL", "http://127.0.0.1:8080"),
@@ -263,7 +265,7 @@ def run_index(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     try:
         report = index_add(args.url, args.collection, args.paths, max(1, args.batch_size), max(1, args.concurrency),
-                           args.index, progress=not args.quiet)
+                           args.index, progress=not args.quiet, api_key=os.environ.get("DINOSERVE_API_KEY"))
     except (Abort, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"dinoserve index add: {exc}\n(re-run to resume: indexed files are skipped)") from None
     print(report.summary(args.collection))

@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from .app import create_app
+from .auth import Scope, gateway_keys
 from .embedded_triton import EmbeddedTriton
 from .model_card import ModelCard
 from .settings import Settings
@@ -16,7 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> int:
+    """Run the gateway until it is stopped; ``AuthConfigError`` before anything starts when the key
+    settings do not allow it (e.g. a non-loopback address without keys)."""
     logging.getLogger().setLevel(settings.log_level.upper())
+    keys = gateway_keys(settings)
     card = ModelCard.load(settings.model_dir)
     embedded = None
     url = settings.triton_url
@@ -27,13 +31,16 @@ def serve(settings: Settings) -> int:
                                       metrics_port=settings.triton_metrics_port)
             url = embedded.start()
         backend = TritonBackend(url, card, settings.triton_timeout_s)
-        app = create_app(settings, card, backend)
+        app = create_app(settings, card, backend, keys)
         base = f"http://{settings.host}:{settings.port}"
+        auth = ("off: no API key needed" if keys is None else
+                f"API keys required ({keys.count(Scope.READ)} read, {keys.count(Scope.WRITE)} write)")
         print(f"dinoserve: model {card.name} ({card.arch}/{card.patch_size}, dim {card.embed_dim}) "
               f"via Triton at {url}\n"
               f"  embeddings  POST {base}/v1/embeddings\n"
               f"  API docs         {base}/docs\n"
-              f"  readiness        {base}/readyz", flush=True)
+              f"  readiness        {base}/readyz\n"
+              f"  auth             {auth}", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                                log_level=settings.log_level.lower(), access_log=False))
         server.run()

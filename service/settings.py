@@ -32,6 +32,12 @@ class Settings:
     # The demo page's collection (`/`): created and filled with labelled synthetic samples on a start where it
     # is absent, never touched when present; empty disables the page's search and k-NN panels and the fill.
     demo_collection: str | None = "demo"
+    # API keys (service/auth.py): entries KEY (read and write), KEY:read or KEY:write, separated by commas
+    api_keys: str | None = None
+    api_keys_file: Path | None = None  # one entry per line; '#' starts a comment
+    # "auto": keys required when any are configured; without keys, serve on loopback only (refuse other
+    # addresses). "on": keys always required. "off": every endpoint open to everyone, on any address.
+    auth: str = "auto"
 
     @classmethod
     def load(cls, overrides: dict | None = None, environ: dict | None = None) -> "Settings":
@@ -60,6 +66,8 @@ def _coerce(name: str, type_name: str, raw):
             return float(raw)
         if type_name == "Path":
             return Path(raw)
+        if type_name == "Path | None":
+            return Path(raw) if raw != "" else None
         return str(raw) if raw != "" else None
     except ValueError:
         raise ValueError(f"setting {name} ({ENV_PREFIX}{name.upper()}): {raw!r} is not a valid {type_name}") from None

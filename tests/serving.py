@@ -25,9 +25,10 @@ def process_tree(pid: int) -> list[int]:
 class Server:
     """``args`` are added to the command line (they win over the defaults: the data directory is
     ``log``'s folder / "data"; the demo collection is off, ``--demo-collection NAME`` turns it on);
-    ``triton_url`` is the embedded Triton's HTTP endpoint, for other gateways' ``--triton-url``."""
+    ``triton_url`` is the embedded Triton's HTTP endpoint, for other gateways' ``--triton-url``; ``env`` adds
+    environment variables."""
 
-    def __init__(self, bundle: Path, log: Path, args: Sequence[str] = ()):
+    def __init__(self, bundle: Path, log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.triton_url = f"127.0.0.1:{free_port()}"
@@ -37,7 +38,7 @@ class Server:
              "--model", bundle.name, "--port", str(self.port), "--data-dir", str(log.parent / "data"), *args],
             stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "DINOSERVE_TRITON_HTTP_PORT": self.triton_url.split(":")[1],
-                 "DINOSERVE_DEMO_COLLECTION": ""},
+                 "DINOSERVE_DEMO_COLLECTION": "", **(env or {})},
         )
 
     def wait_ready(self, timeout: float = 180) -> None:

@@ -299,6 +299,17 @@ def test_gateway_settings_point_at_triton_qdrant_and_the_mounted_repository():
             _one("Secret", volume["secret"]["secretName"])
 
 
+def test_gateway_reads_its_api_keys_from_the_mounted_secret():
+    gateway = _one("Deployment", "dinoserve-gateway")
+    container = _container(gateway)
+    (env_from,) = container["envFrom"]
+    settings = Settings.load(environ=_one("ConfigMap", env_from["configMapRef"]["name"])["data"])
+    (volume,) = [v for v in _pod_spec(gateway)["volumes"] if v.get("secret", {}).get("secretName")]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert settings.api_keys_file.parent == Path(mount["mountPath"]) and mount["readOnly"] is True
+    assert settings.api_keys_file.name in _one("Secret", volume["secret"]["secretName"])["stringData"]
+
+
 # ---------------------------------------------------------------------------------------------- settings
 
 def _settings_passed() -> dict[str, dict[str, str]]:

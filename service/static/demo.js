@@ -5,6 +5,7 @@
 const MAX_UPLOAD_SIDE = 1024; // the model sees 480 px (masks) and 224 px (embeddings) anyway
 const NEIGHBOURS = 8;
 const SEGMENT_OUTPUTS = "overlay,heads,mask_png";
+const KEY_STORAGE = "dinoserve-api-key"; // sessionStorage: forgotten when the tab closes
 
 const state = { collection: null, run: 0, photoUrl: null };
 const $ = (id) => document.getElementById(id);
@@ -17,11 +18,13 @@ class ApiError extends Error {
   }
 }
 
-/** fetch() that returns the JSON body, or throws ApiError with the API's {"error": {code, message}}. */
-async function api(path, options) {
+/** fetch() with the API key the user gave (if any) that returns the JSON body, or throws ApiError with the
+ * API's {"error": {code, message}}; a 401 shows the key form. */
+async function api(path, options = {}) {
+  const key = sessionStorage.getItem(KEY_STORAGE);
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, { ...options, headers: key ? { Authorization: `Bearer ${key}` } : {} });
   } catch (err) {
     throw new ApiError(`the gateway did not answer (${err.message})`, "network_error", 0);
   }
@@ -33,6 +36,7 @@ async function api(path, options) {
     body = null;
   }
   if (!response.ok) {
+    if (response.status === 401) $("key-form").hidden = false;
     if (body && body.error) throw new ApiError(body.error.message, body.error.code, response.status);
     throw new ApiError(text || response.statusText, "http_error", response.status);
   }
@@ -66,6 +70,7 @@ function failed(card, err, hint) {
   const box = element("div", "error");
   box.append(element("p", "message", err.message));
   const where = err.status ? `HTTP ${err.status} · ${err.code}` : err.code || "error";
+  if (err.status === 401) hint = "enter an API key at the top of the page, then choose the image again";
   box.append(element("small", "", hint ? `${where} · ${hint}` : where));
   card.querySelector(".status").replaceChildren(box);
 }
@@ -274,6 +279,16 @@ async function loadModel() {
   }
 }
 
+function wireKeyForm() {
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    $("api-key").value = "";
+    $("key-form").hidden = true;
+    loadModel();
+  });
+}
+
 function wireUploads() {
   const zone = $("dropzone");
   $("file").addEventListener("change", (event) => {
@@ -308,6 +323,7 @@ function wireUploads() {
   });
 }
 
+wireKeyForm();
 wireUploads();
 loadModel();
 loadSamples();
