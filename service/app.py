@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager, suppress
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,9 +22,11 @@ from .collections_api import collections_router
 from .demo_page import demo_page_router
 from .demo_samples import fill_demo_collection
 from .errors import ApiError, too_large
-from .images import decode_image, preprocess
+from .inference import Inference
+from .metrics import GatewayMetrics
 from .model_card import ModelCard
-from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate
+from .observability import ObservabilityMiddleware
+from .request_body import ERROR_RESPONSES, BodySizeLimit, body_kind, decode_base64, read_form, read_json, validate
 from .schemas import Embedding, EmbeddingsRequest, EmbeddingsResponse, ErrorResponse
 from .segment_api import segment_router
 from .settings import Settings
@@ -84,6 +86,8 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys
     ``/v1`` endpoint needs one of them (collection changes a write key); None serves without auth."""
     state = {"ready": False}
     access = access_control(keys)
+    metrics = GatewayMetrics(settings.max_inflight)
+    inference = Inference(settings, card, backend, metrics)
 
     async def warm_up() -> None:
         spec = card.preprocess
@@ -93,7 +97,7 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys
         while True:  # an external Triton may come up after the gateway: keep trying
             try:
                 if await backend.is_ready():
-                    await backend.infer(sample, ("embedding",))
+                    await backend.infer(sample, ("embedding",), timeout_s=settings.ready_timeout_s)
                     state["ready"] = True
                     log.info("model %s answered its warm-up request; ready", card.name)
                     return
@@ -130,14 +134,13 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys
         lifespan=lifespan,
     )
 
+    # Request ids, access lines, request metrics, and the JSON 500 of an exception no handler took.
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(ApiError(500, "internal_error", "internal server error").body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
@@ -148,26 +151,22 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(ApiError(exc.status_code, code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    async def pixel_batch(images: list[bytes]) -> np.ndarray:
-        def prepare(data: bytes) -> np.ndarray:
-            return preprocess(decode_image(data, settings.max_image_pixels), card.preprocess)
-
-        tensors = await asyncio.gather(*(run_in_threadpool(prepare, data) for data in images))
-        return np.stack(tensors)
-
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=access.read,
               responses={**ERROR_RESPONSES, **access.read_responses},
               openapi_extra=_multipart_or_json(EmbeddingsRequest), tags=["embeddings"])
     async def embeddings(request: Request) -> EmbeddingsResponse:
         """Embed one or more images: the CLS token after the final norm (DINO's k-NN feature)."""
         body = await ImageRequest.read(request, settings)
-        result = await backend.infer(await pixel_batch(body.images), ("embedding",))
-        vectors = result["embedding"].astype(np.float32)
-        if body.options["normalize"]:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return EmbeddingsResponse(model=card.name, dim=card.embed_dim, data=[
-            Embedding(index=i, embedding=_encode(v, body.options["encoding_format"])) for i, v in enumerate(vectors)
-        ])
+        async with inference.slot():
+            result = await inference.run(await inference.pixel_batch(body.images), ("embedding",))
+        with metrics.stage("postprocess"):
+            vectors = result["embedding"].astype(np.float32)
+            if body.options["normalize"]:
+                vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            return EmbeddingsResponse(model=card.name, dim=card.embed_dim, data=[
+                Embedding(index=i, embedding=_encode(v, body.options["encoding_format"]))
+                for i, v in enumerate(vectors)
+            ])
 
     @app.get("/v1/models", tags=["models"], dependencies=access.read, responses=access.read_responses)
     async def models() -> dict:
@@ -188,9 +187,15 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys
             ApiError(503, "not_ready", f"model {card.name} is not ready").body(), status_code=503
         )
 
-    app.include_router(segment_router(settings, card, backend), dependencies=access.read,
+    @app.get("/metrics", tags=["health"], response_class=Response,
+             responses={200: {"content": {metrics.content_type: {}}, "description": "Prometheus text format"}})
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests by route and status, stage times, in-flight and rejected requests."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.include_router(segment_router(settings, card, inference), dependencies=access.read,
                        responses=access.read_responses)
-    app.include_router(collections_router(settings, card, backend, access), dependencies=access.read,
+    app.include_router(collections_router(settings, card, inference, access), dependencies=access.read,
                        responses=access.read_responses)
     app.include_router(demo_page_router(settings))
     return app

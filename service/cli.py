@@ -157,6 +157,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--vector-store", help="collections: 'embedded' (SQLite + FAISS in the data dir), "
                                           "'qdrant://HOST:PORT' or 'qdrant-local' (default: embedded)")
     p.add_argument("--log-level", help="debug, info, warning, error (default: info)")
+    p.add_argument("--log-format", choices=["json", "text"],
+                   help="json: one JSON object a line with the request id; text: for reading (default: json)")
+    p.add_argument("--max-inflight", type=int,
+                   help="requests that may run the model at once; the next ones get 429 with Retry-After at once, "
+                        "never a queue (default: 64)")
+    p.add_argument("--inference-timeout-s", type=float,
+                   help="deadline of one request's inference on Triton in seconds; 504 past it (default: 30)")
     p.add_argument("--demo-collection", help="collection of the demo page at /, filled with labelled samples when "
                                              "absent; '' disables it (default: demo)")
     p.add_argument("--api-keys-file", type=Path,
@@ -238,7 +245,7 @@ def _serve(args) -> int:
     from service.settings import Settings
 
     names = ("repository", "model", "host", "port", "data_dir", "triton_url", "vector_store", "log_level",
-             "demo_collection", "api_keys_file", "auth")
+             "log_format", "max_inflight", "inference_timeout_s", "demo_collection", "api_keys_file", "auth")
     try:
         return serve(Settings.load({n: getattr(args, n) for n in names}))
     except AuthConfigError as error:

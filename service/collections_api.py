@@ -8,7 +8,6 @@ embeddings of two models are not comparable.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from dataclasses import dataclass
@@ -27,13 +26,12 @@ from .collections_schemas import (
     ItemSummary, Label, SearchFilter, SearchHit, SearchRequest, SearchResponse, SearchResults,
 )
 from .errors import ApiError, too_large
-from .images import decode_image, preprocess
+from .inference import Inference
 from .knn import label_shares
 from .model_card import ModelCard
 from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate, validation_error
 from .schemas import ErrorResponse
 from .settings import Settings
-from .triton_backend import TritonBackend
 
 MAX_VECTORS = 4096  # raw vectors, ids or items in one request
 RESPONSES = {**ERROR_RESPONSES, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}}
@@ -135,7 +133,7 @@ def _where(spec: SearchFilter | None, labelled: bool = False) -> ItemFilter:
     return ItemFilter(label=spec.label, metadata=dict(spec.metadata), labelled=labelled)
 
 
-def collections_router(settings: Settings, card: ModelCard, backend: TritonBackend, access: Access) -> APIRouter:
+def collections_router(settings: Settings, card: ModelCard, inference: Inference, access: Access) -> APIRouter:
     """The collection and classification endpoints; the store is ``app.state.store`` (opened by the app).
     The endpoints that change a collection take ``access.write``; the app adds ``access.read`` to all."""
     router = APIRouter()
@@ -145,7 +143,9 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
         return request.app.state.store
 
     async def call(fn, *args):
-        return await run_in_threadpool(fn, *args)
+        """A vector-store call, in the thread pool, timed as the ``store`` stage."""
+        with inference.metrics.stage("store"):
+            return await run_in_threadpool(fn, *args)
 
     def check_model(info: CollectionInfo) -> None:
         if (info.model, info.dim) != (card.name, card.embed_dim):
@@ -158,13 +158,11 @@ def collections_router(settings: Settings, card: ModelCard, backend: TritonBacke
     async def embed(images: list[bytes]) -> np.ndarray:
         if len(images) > settings.max_images_per_request:
             raise too_large(f"{len(images)} images in one request; the limit is {settings.max_images_per_request}")
-
-        def prepare(data: bytes) -> np.ndarray:
-            return preprocess(decode_image(data, settings.max_image_pixels), card.preprocess)
-
-        pixels = np.stack(await asyncio.gather(*(run_in_threadpool(prepare, data) for data in images)))
-        vectors = (await backend.infer(pixels, ("embedding",)))["embedding"].astype(np.float32)
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        async with inference.slot():
+            vectors = (await inference.run(await inference.pixel_batch(images), ("embedding",)))["embedding"]
+        with inference.metrics.stage("postprocess"):
+            vectors = vectors.astype(np.float32)
+            return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     async def query_vectors(info: CollectionInfo, images: list[bytes] | None, vectors: list | None,
                             single: bool = False) -> np.ndarray:

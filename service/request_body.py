@@ -10,6 +10,9 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, bad_request, too_large, unsupported_media
 from .schemas import ErrorResponse
@@ -18,7 +21,7 @@ from .settings import Settings
 Model = TypeVar("Model", bound=BaseModel)
 
 # OpenAPI: the error statuses every image endpoint may answer.
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503, 504)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429, 503, 504)}
 
 
 def body_kind(request: Request, settings: Settings) -> str:
@@ -57,10 +60,45 @@ async def read_json(request: Request, settings: Settings, model: type[Model]) ->
 
 
 async def read_form(request: Request, max_files: int) -> FormData:
+    """The multipart form; 413 past ``max_files`` file parts (Starlette's parser stops counting there), 400
+    when malformed."""
     try:
         return await request.form(max_files=max_files)
+    except ApiError:
+        raise
+    except (HTTPException, MultiPartException) as exc:  # Starlette wraps its parser's errors in a 400
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        if detail.startswith("Too many files"):
+            raise too_large(f"the multipart body has more than {max_files} file parts") from None
+        raise bad_request(f"malformed multipart body: {detail}") from None
     except Exception as exc:  # the multipart parser raises several types for malformed bodies
         raise bad_request(f"malformed multipart body: {exc}") from None
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a request body that grows past ``max_bytes`` as it arrives, whatever its
+    Content-Length says (a chunked body declares none), before more of it is buffered."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # raised into the endpoint reading the body: ApiError's handler
+                    raise too_large(f"request body is larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, receive_within_limit, send)
 
 
 def decode_base64(data: str, field: str) -> bytes:

@@ -8,13 +8,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .errors import ApiError
-from .images import decode_image
+from .inference import Inference
 from .model_card import ModelCard
 from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate
 from .schemas import SegmentOptions, SegmentRequest, SegmentResponse
 from .segmentation import MAX_GRAPH_PATCHES, METHODS, model_input_size, render_outputs, segmentation_input
 from .settings import Settings
-from .triton_backend import TritonBackend
 
 FILE_FIELDS = ("image", "images")
 
@@ -49,7 +48,7 @@ async def read_segment_request(request: Request, settings: Settings) -> tuple[by
     return await files[0].read(), validate(SegmentOptions, options)
 
 
-def segment_router(settings: Settings, card: ModelCard, backend: TritonBackend) -> APIRouter:
+def segment_router(settings: Settings, card: ModelCard, inference: Inference) -> APIRouter:
     """The router of ``POST /v1/segment``, for ``create_app`` to include."""
     router = APIRouter()
 
@@ -65,7 +64,7 @@ def segment_router(settings: Settings, card: ModelCard, backend: TritonBackend) 
                            f"head must be below the model's {card.num_heads} heads, got {options.head}")
 
         def prepare():
-            img = decode_image(data, settings.max_image_pixels)
+            img = inference.decode(data)
             try:
                 input_size = model_input_size(*img.size, size, card.patch_size)
             except ValueError as exc:
@@ -75,20 +74,24 @@ def segment_router(settings: Settings, card: ModelCard, backend: TritonBackend) 
                 raise ApiError(422, "validation_error",
                                f"method 'tokencut' takes at most {MAX_GRAPH_PATCHES} patches; size {size} gives "
                                f"{patches} for this image: use a smaller size")
-            return img, input_size, segmentation_input(img, input_size, card.preprocess)
+            with inference.metrics.stage("preprocess"):
+                return img, input_size, segmentation_input(img, input_size, card.preprocess)
 
-        img, (width, height), pixels = await run_in_threadpool(prepare)
-        grid = (height // card.patch_size, width // card.patch_size)
-        # Patch tokens are D floats a patch against one a head for the attention (64x more for ViT-S and B):
-        # they travel only when the graph method needs them.
-        wanted = ("attention", "patch_tokens") if options.method == "tokencut" else ("attention",)
-        result = await backend.infer(pixels[None], wanted)
-        attention = result["attention"][0]
-        patch_tokens = result["patch_tokens"][0] if options.method == "tokencut" else None
-        body = await run_in_threadpool(
-            render_outputs, img, attention, grid, options.keep_mass, options.method, options.outputs,
-            options.head, patch_tokens,
-        )
+        def postprocess(img, attention, grid, patch_tokens):
+            with inference.metrics.stage("postprocess"):
+                return render_outputs(img, attention, grid, options.keep_mass, options.method, options.outputs,
+                                      options.head, patch_tokens)
+
+        async with inference.slot():
+            img, (width, height), pixels = await inference.off_loop(prepare)
+            grid = (height // card.patch_size, width // card.patch_size)
+            # Patch tokens are D floats a patch against one a head for the attention (64x more for ViT-S and B):
+            # they travel only when the graph method needs them.
+            wanted = ("attention", "patch_tokens") if options.method == "tokencut" else ("attention",)
+            result = await inference.run(pixels[None], wanted)
+            attention = result["attention"][0]
+            patch_tokens = result["patch_tokens"][0] if options.method == "tokencut" else None
+            body = await run_in_threadpool(postprocess, img, attention, grid, patch_tokens)
         return SegmentResponse(
             width=img.width, height=img.height, input_size=[width, height], grid=list(grid),
             heads=attention.shape[0], keep_mass=options.keep_mass, method=options.method,

@@ -10,6 +10,7 @@ from .app import create_app
 from .auth import Scope, gateway_keys
 from .embedded_triton import EmbeddedTriton
 from .model_card import ModelCard
+from .observability import configure_logging
 from .settings import Settings
 from .triton_backend import TritonBackend
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 def serve(settings: Settings) -> int:
     """Run the gateway until it is stopped; ``AuthConfigError`` before anything starts when the key
     settings do not allow it (e.g. a non-loopback address without keys)."""
-    logging.getLogger().setLevel(settings.log_level.upper())
+    configure_logging(settings.log_format, settings.log_level)
     keys = gateway_keys(settings)
     card = ModelCard.load(settings.model_dir)
     embedded = None
@@ -30,7 +31,7 @@ def serve(settings: Settings) -> int:
                                       grpc_port=settings.triton_grpc_port,
                                       metrics_port=settings.triton_metrics_port)
             url = embedded.start()
-        backend = TritonBackend(url, card, settings.triton_timeout_s)
+        backend = TritonBackend(url, card, settings.inference_timeout_s)
         app = create_app(settings, card, backend, keys)
         base = f"http://{settings.host}:{settings.port}"
         auth = ("off: no API key needed" if keys is None else
@@ -42,7 +43,8 @@ def serve(settings: Settings) -> int:
               f"  readiness        {base}/readyz\n"
               f"  auth             {auth}", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                               log_level=settings.log_level.lower(), access_log=False))
+                                               log_level=settings.log_level.lower(), access_log=False,
+                                               log_config=None))  # uvicorn's records go through our handler
         server.run()
         return 0 if server.started else 1
     finally:

@@ -23,12 +23,24 @@ class Settings:
     triton_http_port: int = 0  # embedded Triton's ports; 0 picks a free one
     triton_grpc_port: int = 0
     triton_metrics_port: int = 0
-    triton_timeout_s: float = 30.0
+    # Deadline of one request's inference on Triton (504 past it); the warm-up has ready_timeout_s instead.
+    inference_timeout_s: float = 30.0
     ready_timeout_s: float = 120.0  # warn when the model has not answered its warm-up for this long
+    # Requests that may run the model at once (decoding, preprocessing, Triton); the next gets 429 with
+    # Retry-After, never a queue (service/limits.py). 64 keeps Triton's batcher fed with up to 64 x 64 images.
+    max_inflight: int = 64
     max_images_per_request: int = 64
     max_image_pixels: int = 40_000_000  # checked from the header, before decoding
     max_request_bytes: int = 64 * 1024 * 1024
+    max_image_bytes: int = 32 * 1024 * 1024  # one image's file; 413 past it
+    # Images decoded and preprocessed at once, in worker threads off the event loop (Pillow and NumPy release
+    # the GIL, so each uses a core); default: the cores this process may run on.
+    decode_workers: int = len(os.sched_getaffinity(0))
+    # JPEGs are decoded at 1/2, 1/4 or 1/8 scale while the shorter side stays >= this x the card's resize
+    # (service/images.py: mean |diff| ~0.01 of the normalised tensor, 3-4x faster); 0: full decode, exact.
+    jpeg_draft_margin: int = 1
     log_level: str = "info"
+    log_format: str = "json"  # "json": one JSON object a line (time, level, logger, message, request_id, ...); "text"
     # The demo page's collection (`/`): created and filled with labelled synthetic samples on a start where it
     # is absent, never touched when present; empty disables the page's search and k-NN panels and the fill.
     demo_collection: str | None = "demo"

@@ -17,9 +17,13 @@ from .model_card import ModelCard
 log = logging.getLogger(__name__)
 
 
+READY_CHECK_TIMEOUT_S = 2.0  # below the readiness probes' own timeouts (3 s in deploy/k8s)
+
+
 class TritonBackend:
     """Runs the bundle's model on Triton. Several images go as one batch, split at the model's
-    ``max_batch_size``; only the outputs a caller names are transferred."""
+    ``max_batch_size``; only the outputs a caller names are transferred. ``timeout_s`` is the deadline of
+    one request's inference, all its batches together (504 past it)."""
 
     def __init__(self, url: str, card: ModelCard, timeout_s: float = 30.0):
         self.url = url
@@ -32,19 +36,31 @@ class TritonBackend:
     def client(self) -> aioclient.InferenceServerClient:
         # Created lazily inside the running event loop (aiohttp sessions are bound to one).
         if self._client is None:
-            self._client = aioclient.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
+            # No session-wide timeout: each call has its own (readiness checks, inference deadlines).
+            self._client = aioclient.InferenceServerClient(self.url, conn_timeout=None)
         return self._client
 
     async def is_ready(self) -> bool:
+        """Triton answers and reports the model ready; False when it is down, unreachable or loading."""
         try:
-            return bool(await self.client.is_model_ready(self.card.name))
-        except (InferenceServerException, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
+                return bool(await self.client.is_model_ready(self.card.name))
+        except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
             return False
 
-    async def infer(self, pixel_values: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """``pixel_values`` float32 ``[B, 3, H, W]`` → the named outputs, each with B rows."""
-        parts = [await self._infer_batch(pixel_values[i:i + self.max_batch], outputs)
-                 for i in range(0, len(pixel_values), self.max_batch)]
+    async def infer(self, pixel_values: np.ndarray, outputs: tuple[str, ...],
+                    timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """``pixel_values`` float32 ``[B, 3, H, W]`` → the named outputs, each with B rows. 504
+        ``backend_timeout`` after ``timeout_s`` (default: the backend's deadline), 503 when Triton is
+        unreachable or cannot run the model. A request given up on is cancelled in aiohttp, which closes
+        its connection instead of returning it to the pool, so the next request gets a clean one."""
+        deadline = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                parts = [await self._infer_batch(pixel_values[i:i + self.max_batch], outputs)
+                         for i in range(0, len(pixel_values), self.max_batch)]
+        except TimeoutError:
+            raise ApiError(504, "backend_timeout", f"Triton did not answer within {deadline} s") from None
         return {name: np.concatenate([p[name] for p in parts]) for name in outputs}
 
     async def _infer_batch(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -52,11 +68,7 @@ class TritonBackend:
         tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32), binary_data=True)
         requested = [httpclient.InferRequestedOutput(self.card.output_name(o), binary_data=True) for o in outputs]
         try:
-            result = await asyncio.wait_for(
-                self.client.infer(self.card.name, [tensor], outputs=requested), timeout=self.timeout_s
-            )
-        except asyncio.TimeoutError:
-            raise ApiError(504, "backend_timeout", f"Triton did not answer within {self.timeout_s} s") from None
+            result = await self.client.infer(self.card.name, [tensor], outputs=requested)
         except (aiohttp.ClientError, OSError) as exc:
             raise not_ready(f"Triton at {self.url} is unreachable: {exc}") from None
         except InferenceServerException as exc:

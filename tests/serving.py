@@ -25,13 +25,15 @@ def process_tree(pid: int) -> list[int]:
 class Server:
     """``args`` are added to the command line (they win over the defaults: the data directory is
     ``log``'s folder / "data"; the demo collection is off, ``--demo-collection NAME`` turns it on);
-    ``triton_url`` is the embedded Triton's HTTP endpoint, for other gateways' ``--triton-url``; ``env`` adds
+    ``triton_url`` is the embedded Triton's HTTP endpoint, for other gateways' ``--triton-url`` (on
+    ``triton_port`` when given, so that a Triton can be started again where gateways expect it); ``env`` adds
     environment variables."""
 
-    def __init__(self, bundle: Path, log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None):
+    def __init__(self, bundle: Path, log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 triton_port: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.triton_url = f"127.0.0.1:{free_port()}"
+        self.triton_url = f"127.0.0.1:{triton_port or free_port()}"
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "dinoserve"), "serve", "--repository", str(bundle.parent),

@@ -10,15 +10,38 @@ temperature that warms up linearly, every student view is compared with every te
 plus masked-image modelling, where the student's patch tokens at masked positions of a global view must
 match the teacher's tokens of that view seen unmasked. CLS and patch outputs have their own centres and
 teacher temperatures.
+
+The objectives DINO grew out of, with the conventions of their official code so numbers port:
+``MoCoV3Loss`` (``facebookresearch/moco-v3`` ``moco/builder.py``, optionally with a MoCo v2-style
+``NegativeQueue``), ``NTXentLoss`` (SimCLR, Chen et al., ICML 2020), ``BYOLLoss`` (Grill et al., NeurIPS
+2020), ``SimSiamLoss`` (``facebookresearch/simsiam`` ``main_simsiam.py``), and ``sinkhorn_knopp`` /
+``SwAVLoss`` (``facebookresearch/swav`` ``main_swav.py``, without the queue). Under ``torch.distributed``
+the contrastive negatives and the Sinkhorn sums span all ranks, so two ranks with half the batch each
+give the loss of one process with the whole batch (every rank must hold the same local batch size).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+__all__ = [
+    "BYOLLoss",
+    "DINOLoss",
+    "IBOTLoss",
+    "MoCoV3Loss",
+    "NTXentLoss",
+    "NegativeQueue",
+    "SimSiamLoss",
+    "SwAVLoss",
+    "sinkhorn_knopp",
+    "teacher_temperature_schedule",
+]
 
 
 def teacher_temperature_schedule(
@@ -203,3 +226,238 @@ class IBOTLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(cls_center * (1 - self.center_momentum))
         patch_center = _all_reduce_mean(teacher_patch.mean(dim=1).sum(dim=0, keepdim=True), len(teacher_patch))
         self.center2.mul_(self.center_momentum2).add_(patch_center.unsqueeze(0) * (1 - self.center_momentum2))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks, in place (unchanged when not distributed)."""
+    if _distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """``all_gather`` along dim 0 whose backward sends every rank's gradient for a row to its owner.
+
+    Each rank's loss depends on every rank's rows, so the gradient of a local row is the sum over ranks
+    of the gradients of their gathered copies (as the cross-replica concat in ``google-research/simclr``).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def _gather_rows(tensor: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
+    """Rows of every rank in rank order, and the index of this rank's first row among them."""
+    if not _distributed():
+        return tensor, 0
+    offset = dist.get_rank() * len(tensor)
+    if with_grad:
+        return _AllGatherWithGrad.apply(tensor), offset
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts), offset
+
+
+class NegativeQueue(nn.Module):
+    """MoCo v2-style FIFO of ``size`` past keys of width ``dim``, used as extra negatives.
+
+    ``enqueue`` writes the newest keys over the oldest (enqueue and dequeue in one step); ``negatives``
+    returns the keys held. Unlike MoCo v2, which fills the queue with random vectors at start, it starts
+    empty and grows until full, so no random vectors act as negatives and every rank holds the same
+    keys without a broadcast (the keys enqueued are gathered from all ranks).
+    """
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        self.size = size
+        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def negatives(self) -> torch.Tensor:
+        """The keys held, ``(min(enqueued, size), dim)``, in no particular order."""
+        return self.keys[: int(self.filled)]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest entries with ``keys`` ``(n, dim)``; with ``n > size`` only the last ``size`` fit."""
+        keys = keys.detach()[-self.size:]
+        slots = (self.pointer + torch.arange(len(keys), device=keys.device)) % self.size
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.pointer.copy_((self.pointer + len(keys)) % self.size)
+        self.filled.copy_((self.filled + len(keys)).clamp(max=self.size))
+
+
+class MoCoV3Loss(nn.Module):
+    """Symmetric InfoNCE of MoCo v3 (Chen, Xie & He, ICCV 2021), as ``moco-v3/moco/builder.py``.
+
+    ``forward(q1, q2, k1, k2)`` takes the predictor outputs of the two views, ``(batch_size, dim)``, and
+    the momentum encoder's outputs of the same views, and returns ``ctr(q1, k2) + ctr(q2, k1)``, where
+    ``ctr(q, k)`` is the cross-entropy of the L2-normalised ``q · kᵀ / temperature`` with the matching key
+    as target, multiplied by ``2 * temperature`` (the reference's scaling, which makes the gradient
+    magnitude independent of the temperature).
+
+    Keys are targets: they are detached, and when distributed they are all-gathered *without* gradient
+    (the reference's ``concat_all_gather``), with each rank's targets offset by rank × local batch size.
+
+    With a ``queue`` (MoCo v2 style), its keys are extra negatives for every query, and after the loss
+    the step's normalised keys of both views, from all ranks, are enqueued.
+    """
+
+    def __init__(self, temperature: float = 0.2, queue: NegativeQueue | None = None):
+        super().__init__()
+        self.temperature = temperature
+        self.queue = queue
+
+    def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+        k1_all, offset = _gather_rows(F.normalize(k1.detach(), dim=1), with_grad=False)
+        k2_all, _ = _gather_rows(F.normalize(k2.detach(), dim=1), with_grad=False)
+        # a copy: enqueue below overwrites the buffer that backward still needs
+        queued = self.queue.negatives().clone() if self.queue is not None else None
+        loss = self._contrastive(q1, k2_all, offset, queued) + self._contrastive(q2, k1_all, offset, queued)
+        if self.queue is not None:
+            self.queue.enqueue(torch.cat([k1_all, k2_all]))
+        return loss
+
+    def _contrastive(
+        self, q: torch.Tensor, keys: torch.Tensor, offset: int, queued: torch.Tensor | None
+    ) -> torch.Tensor:
+        q = F.normalize(q, dim=1)
+        logits = q @ keys.T
+        if queued is not None:
+            logits = torch.cat([logits, q @ queued.T], dim=1)
+        targets = torch.arange(len(q), device=q.device) + offset
+        return F.cross_entropy(logits / self.temperature, targets) * (2 * self.temperature)
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent of SimCLR (Chen et al., *A Simple Framework for Contrastive Learning of Visual
+    Representations*, ICML 2020, eq. 1): the mean over the 2N anchors of
+    ``-log exp(sim(a, a⁺) / T) / Σ_{b ≠ a} exp(sim(a, b) / T)``, sim the cosine similarity, where the
+    2N − 1 other views are the positive and 2(N − 1) negatives.
+
+    ``forward(z1, z2)`` takes the projections of the two views, ``(batch_size, dim)``. When distributed,
+    the candidates are all ranks' views, gathered *with* gradient as the cross-replica concat in
+    ``google-research/simclr`` does, so N is the global batch. The paper's mean over anchors is half the
+    official code's ``loss_a + loss_b``.
+    """
+
+    def __init__(self, temperature: float = 0.5):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+        z1_all, offset = _gather_rows(z1, with_grad=True)
+        z2_all, _ = _gather_rows(z2, with_grad=True)
+        total = len(z1_all)
+        local = torch.arange(len(z1), device=z1.device) + offset
+        own = torch.cat([local, local + total])  # an anchor's own column among the 2N candidates
+        positive = torch.cat([local + total, local])
+        logits = torch.cat([z1, z2]) @ torch.cat([z1_all, z2_all]).T / self.temperature
+        logits = logits.masked_fill(F.one_hot(own, 2 * total).bool(), float("-inf"))
+        return F.cross_entropy(logits, positive)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(dim=1)
+
+
+class BYOLLoss(nn.Module):
+    """BYOL's normalised MSE (Grill et al., NeurIPS 2020, eq. 2), symmetrised.
+
+    ``forward(p1, p2, z1, z2)``: online predictions ``p`` and target projections ``z`` of the two views,
+    ``(batch_size, dim)``; returns ``(2 − 2·cos(p1, z2)).mean() + (2 − 2·cos(p2, z1)).mean()``, where
+    ``2 − 2·cos(p, z) = ‖p/‖p‖ − z/‖z‖‖²``. The targets are detached.
+    """
+
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return (2 - 2 * _cosine(p1, z2.detach())).mean() + (2 - 2 * _cosine(p2, z1.detach())).mean()
+
+
+class SimSiamLoss(nn.Module):
+    """SimSiam's symmetric negative cosine with stop-gradient (Chen & He, CVPR 2021), as
+    ``simsiam/main_simsiam.py``.
+
+    ``forward(p1, p2, z1, z2)``: predictions ``p`` and projections ``z`` of the two views,
+    ``(batch_size, dim)``; returns ``−½·(cos(p1, z2).mean() + cos(p2, z1).mean())`` with ``z`` detached.
+    """
+
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (_cosine(p1, z2.detach()).mean() + _cosine(p2, z1.detach()).mean())
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """SwAV's equipartitioned soft codes (Caron et al., NeurIPS 2020), as ``distributed_sinkhorn`` in
+    ``swav/main_swav.py``.
+
+    ``scores``: ``(batch_size, num_prototypes)`` similarities to the prototypes. ``Q = exp(scores / ε)ᵀ``
+    is normalised to sum 1, then ``iterations`` times every prototype's row is scaled to total 1/K and
+    every sample's column to 1/B; the codes are ``B · Q``, transposed back to ``(batch_size, K)``. Each
+    sample's codes sum to 1; each prototype's codes approach B/K as the iterations grow. When
+    distributed, B is the global batch and the sums over samples are all-reduced. No gradient.
+    """
+    # exp of a shifted argument: the constant factor vanishes in the first normalisation, and the
+    # shift keeps exp(score / 0.05) finite for scores beyond cosine range.
+    shift = scores.max()
+    if _distributed():
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp((scores - shift) / epsilon).T
+    num_prototypes = q.shape[0]
+    batch = q.shape[1] * (dist.get_world_size() if _distributed() else 1)
+    q /= _all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= num_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    return (q * batch).T
+
+
+class SwAVLoss(nn.Module):
+    """SwAV's swapped prediction (Caron et al., NeurIPS 2020), as ``swav/main_swav.py`` without the queue.
+
+    ``forward(scores)`` takes one ``(batch_size, num_prototypes)`` tensor per crop (global crops first,
+    multi-crop views after), the similarities of the normalised features to the normalised prototypes.
+    For each crop in ``crops_for_assign`` the codes come from ``sinkhorn_knopp`` (no gradient) and every
+    other crop predicts them with ``softmax(scores / temperature)``; the cross-entropies are averaged
+    over the predicting crops, then over the assigned crops.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        crops_for_assign: Sequence[int] = (0, 1),
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.crops_for_assign = tuple(crops_for_assign)
+
+    def forward(self, scores: Sequence[torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for assigned in self.crops_for_assign:
+            codes = sinkhorn_knopp(scores[assigned], self.epsilon, self.sinkhorn_iterations)
+            predictions = [
+                -(codes * F.log_softmax(crop / self.temperature, dim=1)).sum(dim=1).mean()
+                for v, crop in enumerate(scores) if v != assigned
+            ]
+            total = total + sum(predictions) / len(predictions)
+        return total / len(self.crops_for_assign)
