@@ -5,8 +5,8 @@ each client concurrency (1, 4, 16, 64), clients post one image per request as mu
 serve`` (gateway + embedded Triton, the bundle's ONNX in onnxruntime behind Triton's dynamic batcher) for
 ``--seconds``; the table shows throughput, p50/p95/p99 latency and the ratio of the throughput to the
 baseline. The baseline runs in this process, in the same session: the gateway's own decode + preprocess
-functions (``service.images``) and the bundle's ONNX in onnxruntime with all cores, one image after the
-other — what an application embedding images itself would do. Its median latency is the floor for the
+functions (``service.images``, the same reduced-scale JPEG decode) and the bundle's ONNX in onnxruntime with
+all cores, one image after the other — what an application embedding images itself would do. Its median latency is the floor for the
 concurrency-1 rows ("overhead" = gateway median − baseline median).
 
     .venv/bin/python bench/serve.py                                  # the demo bundle
@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.embedded_triton import free_port
-from service.images import decode_image, preprocess
+from service.images import decode_for_embedding, embedding_input
 from service.model_card import ModelCard, latest_model_file
 from training.data import make_sample
 
@@ -55,7 +55,7 @@ def baseline(model_dir: Path, card: ModelCard, image: bytes, seconds: float) -> 
     name = card.output_name("embedding")
 
     def once() -> None:
-        pixels = preprocess(decode_image(image, 10 ** 9), card.preprocess)
+        pixels = embedding_input(decode_for_embedding(image, card.preprocess, 10 ** 9), card.preprocess)
         session.run([name], {card.input_name: pixels[None]})
 
     for _ in range(3):

@@ -39,10 +39,10 @@ def _multipart_or_json(model) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
             "normalize": {"type": "boolean"},
             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-        }, "required": ["images"]}},
+        }, "required": ["images"], "additionalProperties": False}},
     }}}
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from .auth import Access
-from .collections import CollectionInfo, Hit, IndexConfig, Item, ItemFilter, VectorStore, check_name
+from .collections import NAME_PATTERN, CollectionInfo, Hit, IndexConfig, Item, ItemFilter, VectorStore, check_name
 from .collections_schemas import (
     MAX_K, AddItemsRequest, AddItemsResponse, Classification, ClassifyRequest, ClassifyResponse, ClassScore,
     CollectionList, CollectionResponse, CreateCollectionRequest, HnswOptions, ItemId, ItemList, ItemResponse,
@@ -37,6 +38,9 @@ MAX_VECTORS = 4096  # raw vectors, ids or items in one request
 RESPONSES = {**ERROR_RESPONSES, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}}
 IMAGE_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 JSON_TEXT = {"type": "string", "description": "JSON"}
+# The name rule in the OpenAPI schema, for clients and generated tests; ``check_name`` enforces it (422
+# ``invalid_collection_name``), so the schema only documents it.
+CollectionName = Annotated[str, Path(json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"})]
 
 
 def _inline_schema(model: type[BaseModel]) -> dict:
@@ -175,7 +179,7 @@ def collections_router(settings: Settings, card: ModelCard, inference: Inference
 
     @router.put("/v1/collections/{name}", response_model=CollectionResponse, status_code=201, **writes,
                 openapi_extra=_request_body(CreateCollectionRequest, required=False), tags=["collections"])
-    async def create_collection(name: str, request: Request) -> CollectionResponse:
+    async def create_collection(name: CollectionName, request: Request) -> CollectionResponse:
         """Create a collection for the served model's embeddings (409 if it exists)."""
         check_name(name)
         body = await request.body()
@@ -195,11 +199,11 @@ def collections_router(settings: Settings, card: ModelCard, inference: Inference
 
     @router.get("/v1/collections/{name}", response_model=CollectionResponse, responses=RESPONSES,
                 tags=["collections"])
-    async def describe_collection(name: str, request: Request) -> CollectionResponse:
+    async def describe_collection(name: CollectionName, request: Request) -> CollectionResponse:
         return _collection_response(await call(store_of(request).describe, check_name(name)))
 
     @router.delete("/v1/collections/{name}", tags=["collections"], **writes)
-    async def drop_collection(name: str, request: Request) -> dict:
+    async def drop_collection(name: CollectionName, request: Request) -> dict:
         """Delete a collection and all its items."""
         await call(store_of(request).drop_collection, check_name(name))
         return {"name": name, "deleted": True}
@@ -230,7 +234,7 @@ def collections_router(settings: Settings, card: ModelCard, inference: Inference
                      "label": {"type": "array", "items": {"type": "string"}},
                      "metadata": {"type": "array", "items": JSON_TEXT}}),
                  tags=["collections"])
-    async def add_items(name: str, request: Request) -> AddItemsResponse:
+    async def add_items(name: CollectionName, request: Request) -> AddItemsResponse:
         """Add images (embedded through Triton) or raw vectors; an item with an existing id replaces it.
         JSON ``{"items": [...]}``, or multipart: file parts ``images`` with ``id``, ``label`` and ``metadata``
         (JSON) fields, each given once per image or (label, metadata) once for all."""
@@ -259,7 +263,7 @@ def collections_router(settings: Settings, card: ModelCard, inference: Inference
                                 updated=result.updated, unchanged=result.unchanged)
 
     @router.get("/v1/collections/{name}/items", response_model=ItemList, responses=RESPONSES, tags=["collections"])
-    async def list_items(name: str, request: Request, cursor: str | None = None,
+    async def list_items(name: CollectionName, request: Request, cursor: str | None = None,
                          limit: int = Query(100, ge=1, le=1000)) -> ItemList:
         """Items (ids, labels, metadata; no vectors), a page at a time: pass ``next`` back as ``cursor``."""
         page = await call(store_of(request).list_items, check_name(name), cursor, limit)
@@ -268,14 +272,14 @@ def collections_router(settings: Settings, card: ModelCard, inference: Inference
 
     @router.get("/v1/collections/{name}/items/{item_id:path}", response_model=ItemResponse,
                 responses=RESPONSES, tags=["collections"])
-    async def get_item(name: str, item_id: str, request: Request, vector: bool = True) -> ItemResponse:
+    async def get_item(name: CollectionName, item_id: str, request: Request, vector: bool = True) -> ItemResponse:
         """One item; ``?vector=false`` leaves out its vector (null)."""
         item = await call(store_of(request).get, check_name(name), item_id)
         return ItemResponse(id=item.id, label=item.label, metadata=item.metadata,
                             vector=item.vector.tolist() if vector else None)
 
     @router.delete("/v1/collections/{name}/items/{item_id:path}", tags=["collections"], **writes)
-    async def delete_item(name: str, item_id: str, request: Request) -> dict:
+    async def delete_item(name: CollectionName, item_id: str, request: Request) -> dict:
         await call(store_of(request).delete, check_name(name), item_id)
         return {"id": item_id, "deleted": True}
 
@@ -304,7 +308,7 @@ def collections_router(settings: Settings, card: ModelCard, inference: Inference
                  responses=RESPONSES, tags=["collections"], openapi_extra=_request_body(SearchRequest, {
                      "image": {"type": "string", "format": "binary"}, "images": IMAGE_FILES,
                      "k": {"type": "integer"}, "filter": JSON_TEXT}))
-    async def search(name: str, request: Request) -> SearchResponse:
+    async def search(name: CollectionName, request: Request) -> SearchResponse:
         """The ``k`` items most cosine-similar to an image, a vector or a stored item (itself left out),
         optionally filtered by label and metadata; ``images``, ``vectors`` or ``ids`` for a batch."""
         store = store_of(request)

@@ -12,22 +12,30 @@ from .inference import Inference
 from .model_card import ModelCard
 from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate
 from .schemas import SegmentOptions, SegmentRequest, SegmentResponse
-from .segmentation import MAX_GRAPH_PATCHES, METHODS, model_input_size, render_outputs, segmentation_input
+from .segmentation import MAX_GRAPH_PATCHES, MAX_SIZE, model_input_size, render_outputs, segmentation_input
 from .settings import Settings
 
 FILE_FIELDS = ("image", "images")
 
-_REQUEST_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": SegmentRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "image": {"type": "string", "format": "binary"},
-        "keep_mass": {"type": "number"},
-        "size": {"type": "integer"},
-        "method": {"type": "string", "enum": list(METHODS)},
-        "head": {"type": "integer"},
-        "outputs": {"type": "string", "description": "comma-separated, e.g. mask_png,rle"},
-    }, "required": ["image"]}},
-}}}
+
+def _request_body(card: ModelCard) -> dict:
+    """OpenAPI request body: JSON ``SegmentRequest``, or multipart form fields with the bounds the options are
+    checked against (``SegmentOptions``, the size limits of ``model_input_size``, the model's heads)."""
+    options = SegmentOptions.model_json_schema()["properties"]
+    output = "|".join(options["outputs"]["items"]["enum"])
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": SegmentRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "keep_mass": options["keep_mass"],
+            "size": {"type": "integer", "minimum": card.patch_size, "maximum": MAX_SIZE,
+                     "description": options["size"]["description"]},
+            "method": options["method"],
+            "head": {**options["head"], "maximum": card.num_heads - 1},
+            "outputs": {"type": "string", "pattern": f"^({output})(,({output}))*$",
+                        "description": "comma-separated, e.g. mask_png,rle"},
+        }, "required": ["image"], "additionalProperties": False}},
+    }}}
 
 
 async def read_segment_request(request: Request, settings: Settings) -> tuple[bytes, SegmentOptions]:
@@ -53,7 +61,7 @@ def segment_router(settings: Settings, card: ModelCard, inference: Inference) ->
     router = APIRouter()
 
     @router.post("/v1/segment", response_model=SegmentResponse, response_model_exclude_none=True,
-                 responses=ERROR_RESPONSES, openapi_extra=_REQUEST_BODY, tags=["segmentation"])
+                 responses=ERROR_RESPONSES, openapi_extra=_request_body(card), tags=["segmentation"])
     async def segment(request: Request) -> SegmentResponse:
         """Foreground masks from the last block's CLS attention (DINO's keep-60%-of-mass rule) or from a
         normalised cut of the patch features (TokenCut)."""
