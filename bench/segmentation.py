@@ -25,8 +25,6 @@ import io
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +33,6 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from service.embedded_triton import free_port
 from service.model_card import Preprocess
 from service.segmentation import (
     attention_masks,
@@ -45,6 +42,8 @@ from service.segmentation import (
     segmentation_input,
 )
 from training.data import make_sample
+
+from serve import start_server  # bench/serve.py: `dinoserve serve` of a bundle, waited until ready
 
 COMBINED = ("mean", "union", "tokencut")
 
@@ -127,26 +126,9 @@ def one_megapixel_jpeg() -> bytes:
 
 
 def latency(args: argparse.Namespace) -> None:
-    bundle = args.bundle.resolve()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-segment-{port}.log", "w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dinoserve"), "serve", "--repository", str(bundle.parent),
-         "--model", bundle.name, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-segment.log"
+    server, url = start_server(args.bundle.resolve(), log_path)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited; see {log.name}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise TimeoutError(f"server not ready after 600 s; see {log.name}")
         image = one_megapixel_jpeg()
         print(f"1 MP JPEG: 1152x864, {len(image) / 1e3:.0f} kB; size = the card's default; "
               f"{args.runs} requests after 3 warm-up, one at a time")
@@ -173,7 +155,6 @@ def latency(args: argparse.Namespace) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
-        log.close()
 
 
 def main() -> None:

@@ -25,6 +25,15 @@ def start_gateway(server: Server, bundle: Path, log: Path, data_dir: Path, store
     return gateway
 
 
+def own_gateway(server: Server, bundle: Path, tmp_path_factory, name: str) -> Iterator[Server]:
+    """Fixture body: an embedded-store gateway of its own (data and log under a fresh ``name`` folder) on the
+    session server's Triton, stopped afterwards."""
+    folder = tmp_path_factory.mktemp(name)
+    gateway = start_gateway(server, bundle, folder / "serve.log", folder / "data")
+    yield gateway
+    gateway.stop()
+
+
 def fast_data_dir(tmp_path_factory, store: str) -> Iterator[Path]:
     """A data directory for ``store``. qdrant-client's local mode commits and fsyncs every point on its own
     (~0.1 s each on a busy disk): on tmpfs, where fsync costs nothing, its suite takes seconds."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from collections_helpers import jpeg, start_gateway
+from collections_helpers import jpeg, own_gateway
 from PIL import Image
 from test_intake import encode, noise, png_header_only
 
@@ -100,10 +100,7 @@ def embed(url: str, data: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def gateway(server, bundle, tmp_path_factory):
     """A gateway process of its own (no Triton inside it), so its memory is the gateway's alone."""
-    folder = tmp_path_factory.mktemp("hostile")
-    srv = start_gateway(server, bundle, folder / "serve.log", folder / "data")
-    yield srv
-    srv.stop()
+    yield from own_gateway(server, bundle, tmp_path_factory, "hostile")
 
 
 def test_the_corpus_has_every_kind_the_issue_names():

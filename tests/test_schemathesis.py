@@ -16,7 +16,7 @@ import re
 import httpx
 import pytest
 import schemathesis
-from collections_helpers import start_gateway
+from collections_helpers import own_gateway
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -34,10 +34,7 @@ BOUNDED = settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, d
 @pytest.fixture(scope="module")
 def gateway(server, bundle, tmp_path_factory):
     """A gateway on the session server's Triton, with collections of its own."""
-    folder = tmp_path_factory.mktemp("schemathesis")
-    srv = start_gateway(server, bundle, folder / "serve.log", folder / "data")
-    yield srv
-    srv.stop()
+    yield from own_gateway(server, bundle, tmp_path_factory, "schemathesis")
 
 
 @pytest.fixture(scope="module")
