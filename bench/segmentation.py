@@ -26,31 +26,14 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
-from tqdm import tqdm
 
-from service.model_card import Preprocess
-from service.segmentation import (
-    attention_masks,
-    grid_to_image,
-    model_input_size,
-    patch_mask,
-    segmentation_input,
-)
 from training.data import make_sample
 
 from serve import start_server  # bench/serve.py: `dinoserve serve` of a bundle, waited until ready
-
-COMBINED = ("mean", "union", "tokencut")
-
-
-def iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    union = np.logical_or(mask, truth).sum()
-    return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -58,33 +41,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height or width)
 
 
-def scores(model: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], indices: range, seed: int,
-           image_size: tuple[int, int], size: int, keep_mass: float, patch: int,
-           desc: str) -> dict[str, np.ndarray]:
-    """IoU per image ``(len(indices),)`` for each combined method and ``(len(indices), heads)`` per head;
-    ``model`` maps ``pixel_values`` ``(3, H, W)`` to ``attention`` ``(heads, h*w)`` and ``patch_tokens``."""
-    spec = Preprocess()  # the card's preprocessing: what `dinoserve export` writes
-    out: dict[str, list] = {m: [] for m in (*COMBINED, "heads")}
-    for index in tqdm(indices, desc=desc, unit="img", leave=False):
-        sample = make_sample(index, size=image_size, seed=seed)
-        input_size = model_input_size(*sample.image.size, size, patch)
-        attention, tokens = model(segmentation_input(sample.image, input_size, spec))
-        grid = (input_size[1] // patch, input_size[0] // patch)
-
-        def score(grid_mask: np.ndarray) -> float:
-            return iou(grid_to_image(grid_mask, sample.image.size), sample.mask)
-
-        for method in COMBINED:
-            out[method].append(score(patch_mask(method, attention, grid, keep_mass, patch_tokens=tokens)))
-        out["heads"].append([score(m) for m in attention_masks(attention, grid, keep_mass)])
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
 def quality(args: argparse.Namespace) -> None:
     # torch only here: the latency run measures the torch-free gateway and should not share the CPU with it
     import torch
 
-    from training.export import BundleGraph, build_model, load_backbone
+    from training.export import build_model, load_backbone
+    from training.mask_quality import attention_model, scores
     from training.models import build_backbone
 
     spec, _, weights = load_backbone(args.checkpoint)
@@ -100,13 +62,7 @@ def quality(args: argparse.Namespace) -> None:
     print("| model | mean | union | best head (chosen) | oracle head | tokencut |")
     print("|---|---|---|---|---|---|")
     for name, vit in models.items():
-        graph = BundleGraph(vit).eval()
-
-        def model(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            with torch.no_grad():
-                _, attention, tokens = graph(torch.from_numpy(pixels)[None])
-            return attention[0].numpy(), tokens[0].numpy()
-
+        model = attention_model(vit)
         chosen = scores(model, selection, args.seed, args.image_size, args.size, args.keep_mass,
                         spec.patch_size, f"{name}: selection")
         best = int(chosen["heads"].mean(axis=0).argmax())

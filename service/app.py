@@ -8,6 +8,7 @@ import logging
 from contextlib import asynccontextmanager, suppress
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -27,7 +28,7 @@ from .metrics import GatewayMetrics
 from .model_card import ModelCard
 from .observability import ObservabilityMiddleware
 from .request_body import ERROR_RESPONSES, BodySizeLimit, body_kind, decode_base64, read_form, read_json, validate
-from .schemas import Embedding, EmbeddingsRequest, EmbeddingsResponse, ErrorResponse
+from .schemas import EmbeddingsRequest, EmbeddingsResponse, ErrorResponse
 from .segment_api import segment_router
 from .settings import Settings
 from .triton_backend import TritonBackend
@@ -75,10 +76,17 @@ class ImageRequest:
             raise too_large(f"{count} images in one request; the limit is {settings.max_images_per_request}")
 
 
-def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+def embeddings_json(model: str, vectors: np.ndarray, encoding_format: str) -> bytes:
+    """The ``EmbeddingsResponse`` body of float32 ``vectors`` ``[B, D]``, serialised by orjson straight from
+    NumPy: each number in the shortest text that reads back as the same float32 (at 64 x 768 half the bytes
+    and a third of the time of Pydantic writing the float64 values of ``tolist()``)."""
     if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()
+        data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+    else:
+        data = list(vectors)
+    return orjson.dumps({"object": "list", "model": model, "dim": vectors.shape[1], "data": [
+        {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(data)
+    ]}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys: ApiKeys | None) -> FastAPI:
@@ -154,19 +162,17 @@ def create_app(settings: Settings, card: ModelCard, backend: TritonBackend, keys
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=access.read,
               responses={**ERROR_RESPONSES, **access.read_responses},
               openapi_extra=_multipart_or_json(EmbeddingsRequest), tags=["embeddings"])
-    async def embeddings(request: Request) -> EmbeddingsResponse:
+    async def embeddings(request: Request) -> Response:
         """Embed one or more images: the CLS token after the final norm (DINO's k-NN feature)."""
         body = await ImageRequest.read(request, settings)
         async with inference.slot():
             result = await inference.run(await inference.pixel_batch(body.images), ("embedding",))
         with metrics.stage("postprocess"):
-            vectors = result["embedding"].astype(np.float32)
+            vectors = result["embedding"].astype(np.float32, copy=False)
             if body.options["normalize"]:
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            return EmbeddingsResponse(model=card.name, dim=card.embed_dim, data=[
-                Embedding(index=i, embedding=_encode(v, body.options["encoding_format"]))
-                for i, v in enumerate(vectors)
-            ])
+            content = embeddings_json(card.name, vectors, body.options["encoding_format"])
+        return Response(content, media_type="application/json")
 
     @app.get("/v1/models", tags=["models"], dependencies=access.read, responses=access.read_responses)
     async def models() -> dict:

@@ -14,20 +14,23 @@ from dataclasses import fields
 from pathlib import Path
 
 from service.index_cli import add_index_parser, run_index
-from training.config import PRESETS, TrainConfig, read_options
+from training.config import METHODS, PRESETS, TrainConfig, read_options
 
 TRAIN_HELP = {
-    "method": "self-supervised objective",
+    "method": "self-supervised objective: dino, ibot, or the methods DINO grew out of (mocov3, simclr, byol, "
+              "simsiam, swav: two global views each, SwAV also the local crops)",
     "arch": "ViT size: vit_nano / vit_micro (CPU and tests), vit_tiny, vit_small, vit_base, vit_large",
     "patch_size": "patch side in pixels; 8 gives finer attention maps at 4x the cost of 16",
     "img_size": "size whose patch grid the position embeddings are stored at; others are interpolated",
     "data": "image folder (class sub-folders give labels) or synthetic:N[:SIZE[:SEED]]",
-    "output": "run directory: checkpoint.pth (resumable), teacher_backbone.pth, log.jsonl, config.json",
+    "output": "run directory: checkpoint.pth (resumable), teacher_backbone.pth (backbone.pth for the methods "
+              "other than dino/ibot), log.jsonl, config.json",
     "lr": "peak learning rate for a batch of 256, scaled linearly with the batch size",
     "out_dim": "prototypes in the DINO head; 65536 in the paper, smaller for small data",
     "teacher_temp": "teacher sharpening temperature after warm-up; above 0.07 was unstable in the paper",
     "warmup_teacher_temp": "initial teacher temperature; lower it if the loss does not decrease early",
-    "momentum_teacher": "EMA rate of the teacher, raised to 1 by a cosine; 0.9995 helps small batches",
+    "momentum_teacher": "EMA rate of the teacher (DINO, iBOT) or momentum encoder (MoCo v3: 0.99, BYOL: 0.996), "
+                        "raised to 1 by a cosine; 0.9995 helps small batches",
     "norm_last_layer": "fix the prototypes' weight-norm gain; true is more stable, false can be better for ViT-S",
     "clip_grad": "per-parameter gradient norm cap (0 disables); helps ViTs train stably",
     "freeze_last_layer": "epochs during which the prototypes do not move; stabilises the start",
@@ -39,6 +42,21 @@ TRAIN_HELP = {
     "pred_ratio": "iBOT: masking ratios, one drawn per global crop; '0 0.3' masks half of the crops",
     "pred_ratio_var": "iBOT: +/- range around each masking ratio",
     "pred_start_epoch": "iBOT: epoch from which crops are masked and the patch loss warms up",
+    "hidden_dim": "hidden width of the head's MLPs (DINO/iBOT head; projector and predictor of the other methods)",
+    "bottleneck_dim": "DINO/iBOT head bottleneck; output width of the other methods' projector (256 in MoCo v3 "
+                      "and BYOL, 128 in SimCLR and SwAV, 2048 in SimSiam)",
+    "mlp_bn": "mocov3/simclr/byol/simsiam/swav: BatchNorm in the projection and prediction MLPs; without it "
+              "BYOL's embeddings collapse",
+    "moco_temperature": "mocov3: InfoNCE temperature (0.2 in the paper's ViT recipes)",
+    "queue_size": "mocov3: also use this many past keys as negatives, MoCo v2's queue, for small batches (0: off)",
+    "freeze_patch_embed": "mocov3 (and the other non-DINO methods): fixed random patch projection, the MoCo v3 "
+                          "paper's cure for ViT training instability",
+    "simclr_temperature": "simclr: NT-Xent temperature; lower (0.1) suits large batches",
+    "swav_temperature": "swav: softmax temperature of the swapped prediction",
+    "swav_prototypes": "swav: number of prototypes (3000 for ImageNet; fewer for small data)",
+    "sinkhorn_epsilon": "swav: entropy regularisation of the Sinkhorn codes; larger is softer, too large collapses",
+    "sinkhorn_iterations": "swav: Sinkhorn-Knopp iterations per step (3 suffice for equipartition)",
+    "freeze_prototypes_iters": "swav: steps during which the prototypes do not move; stabilises the start",
     "device": "auto (CUDA when available), cpu, cuda, cuda:N",
     "precision": "auto: bf16 autocast on GPUs (fp16 with a grad scaler where bf16 is missing), fp32 on CPU",
     "saveckp_freq": "also keep checkpoint<epochs done>.pth every N epochs (0: only checkpoint.pth)",
@@ -50,8 +68,9 @@ TRAIN_HELP = {
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a ViT with DINO or iBOT",
-                       description="Train a ViT backbone with DINO or iBOT, in one process or under torchrun "
+    p = sub.add_parser("train", help="train a ViT with DINO, iBOT, MoCo v3, SimCLR, BYOL, SimSiam or SwAV",
+                       description="Train a ViT backbone with DINO, iBOT, MoCo v3, SimCLR, BYOL, SimSiam or SwAV, "
+                                   "in one process or under torchrun "
                                    "(DDP: NCCL on GPUs, gloo on CPUs). Options: preset < config file < "
                                    "command line.")
     p.add_argument("--config", type=Path, help="JSON, TOML or YAML file of options; command-line options win")
@@ -175,8 +194,67 @@ def _add_serve(sub) -> None:
                         "on: keys always required. off: no keys, even on a public address (default: auto)")
 
 
+def _add_bench_methods(sub) -> None:
+    p = sub.add_parser("bench-methods", help="train every method for the same CPU time; compare k-NN and mask IoU",
+                       description="Train DINO, iBOT, MoCo v3, SimCLR, BYOL, SimSiam and SwAV for the same "
+                                   "compute budget each on the same data, score each served backbone by "
+                                   "weighted k-NN top-1 on a labelled held-out split and by the IoU of its "
+                                   "segmentation masks (attention, TokenCut) with the synthetic objects' masks, "
+                                   "print one table and "
+                                   "write it with the date, machine and command to a Markdown file.")
+    p.add_argument("--data", required=True, help="training images: a folder or synthetic:N[:SIZE[:SEED]]")
+    p.add_argument("--knn-train", required=True,
+                   help="labelled images the k-NN neighbours come from (class sub-folders or synthetic:N...)")
+    p.add_argument("--knn-val", required=True, help="labelled held-out images to classify, same classes")
+    p.add_argument("--budget-minutes", type=float, required=True,
+                   help="training time per method, in CPU minutes of the training process (wall-clock minutes "
+                        "with one torch thread on an idle machine; other jobs do not shrink it); each method "
+                        "gets the whole epochs nearest the budget, timed from a few steps")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="methods to compare (default: all)")
+    p.add_argument("--config", type=Path,
+                   help="training options for every method (JSON, TOML or YAML) over the CPU defaults: vit_nano/8 "
+                        "on 64 px crops, 2 local crops, batch 32, small heads, data loading in the training "
+                        "process (num_workers 0, so that its CPU time counts)")
+    p.add_argument("--output", type=Path, default=Path("runs/bench-methods"),
+                   help="run directories, one per method, replaced (default: runs/bench-methods)")
+    p.add_argument("--doc", type=Path, default=Path("docs/methods.md"),
+                   help="Markdown report (default: docs/methods.md)")
+    p.add_argument("--eval-size", type=int, help="k-NN crop size (default: the global crop size)")
+    p.add_argument("--mask-images", type=int, default=100, help="held-out synthetic images for the mask IoU")
+    p.add_argument("--mask-seed", type=int, default=7, help="seed of the mask images (training data: another)")
+    p.add_argument("--mask-image-size", type=int, nargs=2, default=[160, 120], metavar=("W", "H"),
+                   help="size of the mask images (default: 160 120)")
+    p.add_argument("--mask-size", type=int, default=128,
+                   help="shorter side of the model input for the masks, as /v1/segment's size (default: 128)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _bench_methods(args) -> int:
+    import os
+    import shlex
+
+    from training.method_bench import CPU_DEFAULTS, BenchSetup, bench_methods, report, table
+
+    options = read_options(args.config) if args.config else {}
+    setup = BenchSetup(args.data, args.knn_train, args.knn_val, args.budget_minutes,
+                       args.eval_size or options.get("global_size", CPU_DEFAULTS["global_size"]),
+                       args.mask_images, args.mask_seed, tuple(args.mask_image_size), args.mask_size)
+    load_average = os.getloadavg()[0]
+    try:
+        results, baseline, cfg = bench_methods(setup, tuple(args.methods), options, args.output, not args.quiet)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"dinoserve bench-methods: {error}") from None
+    print(table(results, baseline))
+    command = shlex.join(["dinoserve", *args.argv])
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(report(results, baseline, setup, cfg, command, load_average))
+    print(f"wrote {args.doc}")
+    return 0
+
+
 def _train(args) -> int:
-    from training.trainer import NonFiniteLossError, train
+    from training.trainer import NonFiniteLossError, backbone_filename, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     try:
@@ -189,7 +267,7 @@ def _train(args) -> int:
         out = train(cfg, progress=not args.quiet)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
         raise SystemExit(f"dinoserve train: {error}") from None
-    print(f"wrote {out / 'checkpoint.pth'} and {out / 'teacher_backbone.pth'}")
+    print(f"wrote {out / 'checkpoint.pth'} and {out / backbone_filename(cfg.method)}")
     return 0
 
 
@@ -260,14 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_knn(sub)
     _add_serve(sub)
     _add_plot(sub)
+    _add_bench_methods(sub)
     add_index_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # bench-methods records its command line
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks stop Triton and nothing is left behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         handlers = {"train": _train, "export": _export, "eval-knn": _eval_knn, "serve": _serve,
-                    "plot": _plot, "index": run_index}
+                    "plot": _plot, "bench-methods": _bench_methods, "index": run_index}
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 0

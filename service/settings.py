@@ -23,6 +23,15 @@ class Settings:
     triton_http_port: int = 0  # embedded Triton's ports; 0 picks a free one
     triton_grpc_port: int = 0
     triton_metrics_port: int = 0
+    # The embedded Triton's dynamic batcher. It runs the model on this machine's CPU, whatever the bundle's
+    # config.pbtxt chose for a GPU Triton: on a CPU a batch costs its images' sum (no wider kernels to fill), so a
+    # request should not wait for others (delay 0); requests that arrive while the model runs still queue and
+    # go as one batch. docs/benchmarks.md ("Dynamic batching") has the measurement.
+    embedded_max_batch_size: int = 64
+    embedded_queue_delay_us: int = 0
+    # Input tensors through system shared memory when Triton runs on this host and accepts the region ("auto";
+    # anything else falls back to binary HTTP by itself), or always in the HTTP body ("off").
+    triton_shared_memory: str = "auto"
     # Deadline of one request's inference on Triton (504 past it); the warm-up has ready_timeout_s instead.
     inference_timeout_s: float = 30.0
     ready_timeout_s: float = 120.0  # warn when the model has not answered its warm-up for this long

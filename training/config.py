@@ -58,6 +58,19 @@ class TrainConfig:
     lambda2: float = 1.0  # weight of the masked-patch loss
     warmup_teacher_patch_temp: float = 0.04
     teacher_patch_temp: float = 0.07
+    # The methods DINO grew out of (training/methods.py): two global views each (SwAV: plus the local
+    # crops), projection MLPs hidden_dim wide with bottleneck_dim outputs; momentum_teacher drives the
+    # momentum encoders of MoCo v3 and BYOL.
+    mlp_bn: bool = True  # BatchNorm in their projection / prediction MLPs; BYOL collapses without it
+    moco_temperature: float = 0.2  # MoCo v3's InfoNCE temperature for ViTs
+    queue_size: int = 0  # MoCo v3: a MoCo v2-style queue of this many past keys as extra negatives (0: off)
+    freeze_patch_embed: bool = False  # MoCo v3's fixed random patch projection, which avoids its ViT instability
+    simclr_temperature: float = 0.5
+    swav_temperature: float = 0.1
+    swav_prototypes: int = 3000
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    freeze_prototypes_iters: int = 313  # SwAV: steps during which the prototypes do not move
     # Runtime.
     device: str = "auto"  # auto: CUDA when available
     precision: str = "auto"  # auto: bf16 autocast on GPUs that support it (else fp16 + grad scaler), fp32 on CPU
@@ -112,11 +125,18 @@ class TrainConfig:
                              f"patch size {self.patch_size}")
         if self.use_bn_in_head and self.method != "dino":
             raise ValueError("use_bn_in_head is a DINO option; the iBOT head projects every token")
+        if self.method in ("dino", "ibot") and (self.freeze_patch_embed or self.queue_size or not self.mlp_bn):
+            raise ValueError("freeze_patch_embed, queue_size and mlp_bn are options of "
+                             f"{', '.join(METHODS[2:])}; DINO's head has use_bn_in_head")
+        if self.queue_size and self.method != "mocov3":
+            raise ValueError("queue_size (a MoCo v2-style queue of negatives) is a MoCo v3 option")
+        if self.queue_size < 0:
+            raise ValueError("queue_size must be 0 (no queue) or more")
         if self.knn_every and not (self.knn_train and self.knn_val):
             raise ValueError("knn_every needs knn_train and knn_val (labelled folders or synthetic:N specs)")
 
 
-METHODS = ("dino", "ibot")
+METHODS = ("dino", "ibot", "mocov3", "simclr", "byol", "simsiam", "swav")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -60,10 +60,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def fingerprint(module: nn.Module) -> str:
-    """sha256 of every parameter and buffer, in order: equal fingerprints mean bit-identical weights."""
+def fingerprint(module: nn.Module, buffers: bool = True) -> str:
+    """sha256 of every parameter and, with ``buffers``, every buffer, in order: equal fingerprints mean
+    bit-identical weights."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    tensors = module.state_dict().items() if buffers else module.named_parameters()
+    for name, tensor in tensors:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

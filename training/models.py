@@ -250,6 +250,10 @@ class MultiCropWrapper(nn.Module):
         self.head = head
 
     def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.backbone_features(crops))
+
+    def backbone_features(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """CLS features of every crop, crop-major ``(len(crops) * batch_size, embed_dim)``."""
         features, start = [], 0
         while start < len(crops):
             end = start
@@ -257,4 +261,4 @@ class MultiCropWrapper(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(features))
+        return torch.cat(features)

@@ -2,8 +2,9 @@
 
 Panels: the loss (with iBOT's CLS and patch parts), the schedules (learning rate, weight decay, teacher
 EMA rate and temperature), the collapse indicators (teacher entropy and KL from uniform, with log K
-drawn: entropy at log K means a uniform collapse, KL at log K a one-prototype collapse), throughput, and
-the k-NN monitor's accuracy when the run had one.
+drawn: entropy at log K means a uniform collapse, KL at log K a one-prototype collapse; for the methods
+of ``methods.py`` the spread of the normalised embeddings, 0 when collapsed), throughput, and the k-NN
+monitor's accuracy when the run had one.
 """
 
 from __future__ import annotations
@@ -60,20 +61,28 @@ def plot_run(run_dir: Path, output: Path | None = None) -> Path:
     ax2.set_ylabel("weight decay")
 
     ax = axes[0, 2]
-    ax.plot(steps, m["momentum"], label="teacher EMA rate")
+    if "momentum" in m:  # SimCLR, SimSiam and SwAV have no momentum encoder
+        ax.plot(steps, m["momentum"], label="teacher EMA rate")
     ax.set_title("teacher EMA rate and temperature")
-    ax2 = ax.twinx()
-    ax2.plot(steps, m["teacher_temp"], color="tab:green", label="teacher temperature")
-    if "teacher_patch_temp" in m:
-        ax2.plot(steps, m["teacher_patch_temp"], color="tab:red", label="patch temperature")
-    ax2.legend(loc="lower right")
+    if "teacher_temp" in m:
+        ax2 = ax.twinx()
+        ax2.plot(steps, m["teacher_temp"], color="tab:green", label="teacher temperature")
+        if "teacher_patch_temp" in m:
+            ax2.plot(steps, m["teacher_patch_temp"], color="tab:red", label="patch temperature")
+        ax2.legend(loc="lower right")
 
     ax = axes[1, 0]
-    ax.plot(steps, m["teacher_entropy"], label="teacher entropy")
-    ax.plot(steps, m["teacher_kl_uniform"], label="KL(mean teacher || uniform)")
-    if config.get("out_dim"):
-        ax.axhline(math.log(config["out_dim"]), color="grey", ls="--", lw=1, label="log K")
-    ax.set_title("collapse indicators (nats)")
+    if "teacher_entropy" in m:
+        ax.plot(steps, m["teacher_entropy"], label="teacher entropy")
+        ax.plot(steps, m["teacher_kl_uniform"], label="KL(mean teacher || uniform)")
+        if config.get("out_dim"):
+            ax.axhline(math.log(config["out_dim"]), color="grey", ls="--", lw=1, label="log K")
+        ax.set_title("collapse indicators (nats)")
+    else:
+        ax.plot(steps, m["embedding_std"], label="std of normalised embeddings")
+        if config.get("bottleneck_dim"):
+            ax.axhline(config["bottleneck_dim"] ** -0.5, color="grey", ls="--", lw=1, label="1/sqrt(dim): spread")
+        ax.set_title("collapse indicator (0: collapsed)")
     ax.legend()
 
     ax = axes[1, 1]

@@ -2,7 +2,9 @@
 
 Follows ``train_one_epoch`` of the official ``main_dino.py`` and ``main_ibot.py``: schedules are per
 iteration, the teacher is an EMA of the student and never receives gradients. Runs in one process or
-under ``torchrun`` (DDP; every rank computes the same EMA, rank 0 writes files).
+under ``torchrun`` (DDP; every rank computes the same EMA, rank 0 writes files). MoCo v3, SimCLR, BYOL,
+SimSiam and SwAV run through the same loop as objectives (``methods.py``): their trained network is the
+student, their momentum encoder (MoCo v3, BYOL) the teacher.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .config import TrainConfig
 from .data import open_dataset
 from .losses import DINOLoss, IBOTLoss
 from .masking import BlockMaskGenerator
+from .methods import OBJECTIVES
 from .models import BackboneSpec, DINOHead, IBOTHead, MaskedMultiCropWrapper, MultiCropWrapper, build_backbone
 from .schedules import cosine_scheduler
 from .views import EpochShardSampler, TrainingViews
@@ -38,6 +41,16 @@ from .views import EpochShardSampler, TrainingViews
 log = logging.getLogger(__name__)
 
 LOSS_STATE_KEY = {"dino": "dino_loss", "ibot": "ibot_loss"}  # the official checkpoints' names
+
+
+def loss_state_key(method: str) -> str:
+    return LOSS_STATE_KEY.get(method, f"{method}_loss")
+
+
+def backbone_filename(method: str) -> str:
+    """The served backbone a run writes: DINO and iBOT serve their teacher; the other methods the network
+    they train (MoCo v3 and BYOL: the online encoder, which their papers evaluate)."""
+    return "teacher_backbone.pth" if method in LOSS_STATE_KEY else "backbone.pth"
 
 
 def _param_groups(model: nn.Module) -> list[dict]:
@@ -174,9 +187,11 @@ class Trainer:
         if self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
+        self.objective = OBJECTIVES[cfg.method](cfg) if cfg.method in OBJECTIVES else None
 
+        local_crops = cfg.local_crops_number if self.objective is None or self.objective.multi_crop else 0
         augmentation = MultiCropAugmentation(MultiCropConfig(
-            cfg.global_size, cfg.local_size, cfg.global_scale, cfg.local_scale, cfg.local_crops_number,
+            cfg.global_size, cfg.local_size, cfg.global_scale, cfg.local_scale, local_crops,
             cfg.color_jitter, cfg.grayscale_p))
         self.ncrops = augmentation.ncrops
         dataset = open_dataset(cfg.data)
@@ -194,14 +209,25 @@ class Trainer:
                                  num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                                  pin_memory=self.device.type == "cuda")
 
-        self.spec, self.student, self.teacher = build_models(cfg)
-        if cfg.use_bn_in_head and self.rt.distributed and self.device.type == "cuda":
+        if self.objective is None:
+            self.spec, self.student, self.teacher = build_models(cfg)
+        else:
+            self.spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
+            self.student, self.teacher = self.objective.build_networks(self.spec)
+        has_bn = any(isinstance(m, nn.BatchNorm1d) for m in self.student.modules())
+        if has_bn and self.rt.distributed and self.device.type == "cuda":
             # Batch statistics over the global batch, as the official code does (SyncBatchNorm is CUDA-only;
             # gloo workers on CPUs normalise with their own share of the batch).
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+            if self.teacher is not None:
+                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
         self.student.to(self.device)
-        self.teacher.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        # EMA pairs by name: a momentum encoder has no predictor.
+        student_params = dict(self.student.named_parameters())
+        self.ema_pairs = [(student_params[name], p) for name, p in
+                          (self.teacher.named_parameters() if self.teacher is not None else [])]
         self.student_ddp = self.student
         if self.rt.distributed:
             self.student_ddp = DistributedDataParallel(
@@ -209,7 +235,9 @@ class Trainer:
 
         epochs = cfg.epochs
         warmup_temp_epochs = min(cfg.warmup_teacher_temp_epochs, epochs)
-        if cfg.method == "ibot":
+        if self.objective is not None:
+            self.loss_fn = self.objective
+        elif cfg.method == "ibot":
             self.loss_fn = IBOTLoss(
                 cfg.out_dim, cfg.patch_out_dim, 2, cfg.local_crops_number, cfg.warmup_teacher_temp,
                 cfg.teacher_temp, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp, warmup_temp_epochs,
@@ -246,38 +274,47 @@ class Trainer:
             raise ValueError(f"{path} is a {state['method']} run of {state['backbone']['arch']}; this run is "
                              f"{self.cfg.method} of {self.spec.arch}: use another --output or matching options")
         self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.loss_fn.load_state_dict(state[LOSS_STATE_KEY[self.cfg.method]])
+        self.loss_fn.load_state_dict(state[loss_state_key(self.cfg.method)])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         log.info("resuming from %s after epoch %d", path, state["epoch"])
         return int(state["epoch"])
 
+    def _served(self) -> nn.Module:
+        """The network whose backbone is served and monitored: see :func:`backbone_filename`."""
+        return self.teacher if self.objective is None else self.student
+
     def _save(self, epochs_done: int) -> None:
-        # Every rank computes the same EMA; record each rank's teacher fingerprint as proof.
-        fingerprints = distributed.gather_objects(distributed.fingerprint(self.teacher))
+        # Every rank computes the same EMA (without one, DDP keeps the students equal); record each
+        # rank's fingerprint as proof. The weights, not BatchNorm's running statistics: on CPUs (gloo, no
+        # SyncBatchNorm) each rank keeps its own, and training never uses them (batch statistics only).
+        network, kind = (self.teacher, "teacher") if self.teacher is not None else (self.student, "student")
+        fingerprints = distributed.gather_objects(distributed.fingerprint(network, buffers=False))
         if not self.rt.is_main:
             return
         cfg = self.cfg
         state = {
             "format": FULL_FORMAT, "version": FORMAT_VERSION, "method": cfg.method,
             "backbone": self.spec.to_dict(), "config": asdict(cfg), "epoch": epochs_done,
-            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(), LOSS_STATE_KEY[cfg.method]: self.loss_fn.state_dict(),
-            "world_size": self.rt.world_size, "teacher_fingerprints": fingerprints,
+            "student": self.student.state_dict(),
+            **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {}),
+            "optimizer": self.optimizer.state_dict(), loss_state_key(cfg.method): self.loss_fn.state_dict(),
+            "world_size": self.rt.world_size, f"{kind}_fingerprints": fingerprints,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         atomic_save(state, self.out / "checkpoint.pth")
         if cfg.saveckp_freq and epochs_done % cfg.saveckp_freq == 0:
             atomic_save(state, self.out / f"checkpoint{epochs_done:04d}.pth")
-        backbone = strip_prefix(self.teacher.state_dict(), "backbone.")
+        backbone = strip_prefix(self._served().state_dict(), "backbone.")
         backbone.pop("masked_embed", None)  # serving never masks
         atomic_save({
             "format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "method": cfg.method,
             "backbone": {**self.spec.to_dict(), "drop_path_rate": 0.0}, "state_dict": backbone,
-        }, self.out / "teacher_backbone.pth")
+        }, self.out / backbone_filename(cfg.method))
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -289,6 +326,8 @@ class Trainer:
 
     def _forward_loss(self, crops: list[torch.Tensor], masks: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
         """Loss of one batch and the teacher statistics; the loss functions update their centres."""
+        if self.objective is not None:
+            return self.objective(self.student_ddp, self.teacher, crops)
         temp = float(self.loss_fn.teacher_temp_schedule[epoch])
         if self.cfg.method == "dino":
             with torch.no_grad():
@@ -335,19 +374,25 @@ class Trainer:
             loss.backward()
         if self.cfg.clip_grad:
             clip_gradients(self.student, self.cfg.clip_grad)
-        cancel_last_layer_gradients(self.student, epoch, self.cfg.freeze_last_layer)
+        if self.objective is None:
+            cancel_last_layer_gradients(self.student, epoch, self.cfg.freeze_last_layer)
+        else:
+            self.objective.on_gradients(self.student, step)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
 
-        m = float(self.momentum_schedule[step])
-        with torch.no_grad():  # EMA teacher
-            for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
-                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-        row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "wd": wd, "momentum": m,
-               "teacher_temp": float(self.loss_fn.teacher_temp_schedule[epoch])}
+        row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "wd": wd}
+        if self.ema_pairs:
+            m = float(self.momentum_schedule[step])
+            with torch.no_grad():  # EMA teacher
+                for ps, pt in self.ema_pairs:
+                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            row["momentum"] = m
+        if self.objective is None:
+            row["teacher_temp"] = float(self.loss_fn.teacher_temp_schedule[epoch])
         if self.cfg.method == "ibot":
             row["teacher_patch_temp"] = float(self.loss_fn.teacher_temp2_schedule[epoch])
         row.update(stats)
@@ -356,6 +401,9 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------------
 
     def _columns(self) -> list[str]:
+        if self.objective is not None:
+            momentum = ["momentum"] if self.teacher is not None else []
+            return ["step", "epoch", "loss", "lr", "wd", *momentum, "embedding_std", "images_per_s"]
         columns = ["step", "epoch", "loss"]
         if self.cfg.method == "ibot":
             columns += ["cls_loss", "patch_loss", "masked_ratio", "teacher_patch_temp"]
@@ -409,6 +457,23 @@ class Trainer:
                 metrics.close()
         return self.out
 
+    def time_steps(self, steps: int = 3, clock=time.perf_counter) -> float:
+        """Median seconds per step (data loading included) over ``steps`` steps of the first epoch, after
+        one warm-up step; they train the networks and write nothing. For sizing a run to a time budget.
+        ``clock``: wall-clock by default; ``time.process_time`` counts this process's CPU time only (data
+        loading included with ``num_workers`` 0), whatever else the machine runs."""
+        self.student.train()
+        self.sampler.set_epoch(0)
+        times, last = [], clock()
+        for it, (crops, masks) in zip(range(steps + 1), self.loader):
+            self._step(crops, masks, 0, it)
+            now = clock()
+            times.append(now - last)
+            last = now
+        if len(times) < 2:
+            raise ValueError(f"timing needs at least 2 steps per epoch; this run has {self.iters}")
+        return float(np.median(times[1:]))
+
     def _knn_monitor(self) -> dict:
         from .evaluate import class_count, extract_features, knn_classifier
 
@@ -416,7 +481,7 @@ class Trainer:
         train_set, val_set = open_dataset(cfg.knn_train), open_dataset(cfg.knn_val)
         num_classes = class_count(train_set, val_set)
         size = cfg.knn_size or cfg.global_size
-        backbone = self.teacher.backbone
+        backbone = self._served().backbone
         train_feats = extract_features(backbone, train_set, progress=False, size=size)
         val_feats = extract_features(backbone, val_set, progress=False, size=size)
         k = min(cfg.knn_k, len(train_set))
@@ -428,7 +493,8 @@ class Trainer:
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train (resuming from ``<output>/checkpoint.pth`` or ``cfg.resume``); returns the output directory.
 
-    Writes ``checkpoint.pth`` (resumable) and ``teacher_backbone.pth`` after every epoch, per-step
+    Writes ``checkpoint.pth`` (resumable) and the served backbone (:func:`backbone_filename`:
+    ``teacher_backbone.pth``, or ``backbone.pth`` for the methods of ``methods.py``) after every epoch, per-step
     ``metrics.csv`` (and TensorBoard events), per-epoch ``log.jsonl`` and ``config.json``.
     """
     trainer = Trainer(cfg, progress)
