@@ -27,6 +27,7 @@ the keys; the difference is one step of the schedule).
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import replace
 
@@ -152,7 +153,7 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return network.module if isinstance(network, DistributedDataParallel) else network
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, abc.ABC):
     """A method: its networks and the loss of one step. Its state (MoCo's queue) goes in checkpoints.
 
     ``forward(student, teacher, crops)`` takes the trained network (possibly DDP-wrapped), the momentum
@@ -180,8 +181,9 @@ class Objective(nn.Module):
             freeze_patch_projection(backbone)
         return MethodNetwork(backbone, self._head(spec.embed_dim, predictor), joint_head=self.multi_crop)
 
+    @abc.abstractmethod
     def _head(self, in_dim: int, predictor: bool) -> nn.Module:
-        raise NotImplementedError
+        """The method's projection head (and predictor, where it has one and ``predictor`` is True)."""
 
     def on_gradients(self, student: nn.Module, step: int) -> None:
         """Called between backward and the optimizer step (SwAV drops the prototypes' gradients)."""
