@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import copy
 import functools
+import importlib.util
 import json
 import re
 import shlex
@@ -449,6 +450,11 @@ def test_gateway_image_installs_every_module_the_gateway_imports():
                 if top not in sys.stdlib_module_names and top not in ("service", "training"):
                     imported.setdefault(top, path.relative_to(ROOT).as_posix())
     assert {"fastapi", "numpy", "tritonclient"} <= set(imported) and "torch" not in imported
+    # service/triton_model.py runs inside Triton's Python-backend stub, which provides this module from the
+    # backend directory of the nvidia-pytriton wheel (installed by the serve extra).
+    backend = Path(importlib.util.find_spec("pytriton").origin).parent / "tritonserver" / "backends" / "python"
+    assert imported.pop("triton_python_backend_utils") == "service/triton_model.py"
+    assert (backend / "triton_python_backend_utils.py").is_file()
     missing = {module: where for module, where in imported.items() if module not in provided}
     assert not missing, f"imported by the gateway but not installed by the serve extra: {missing}"
 

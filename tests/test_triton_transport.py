@@ -1,5 +1,5 @@
 """The gateway's transport to Triton against the real embedded Triton (``tritonserver`` from the nvidia-pytriton
-wheel, started in this process, over real HTTP): each request computes and carries only the outputs it names,
+wheel, started as a child process, over real HTTP): each request computes and carries only the outputs it names,
 input tensors go through system shared memory when Triton maps the gateway's regions and in the HTTP body when
 it does not, and no region outlives its use in Triton (deadline cut-offs, a restarted Triton, shutdown)."""
 
@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
-from pytriton.proxy.types import Request
 
-from service.embedded_triton import EmbeddedTriton, free_port, run_requested_outputs
+from service.embedded_triton import EmbeddedTriton, free_port
 from service.errors import ApiError
 from service.model_card import ModelCard, latest_model_file
 from service.triton_backend import TritonBackend
+from service.triton_model import run_batch
 
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "demo" / "model_repository" / "dinoserve-demo"
 CARD = ModelCard.load(DEMO_BUNDLE)
@@ -58,11 +64,12 @@ def run(coroutine):
 
 def test_a_dynamic_batch_computes_and_returns_only_the_outputs_its_requests_name(session):
     first, second = pixels(2, seed=1), pixels(1, seed=2)
-    requests = [Request(data={"pixel_values": first}, requested_output_names=["embedding"]),
-                Request(data={"pixel_values": second}, requested_output_names=["attention", "embedding"])]
-    responses = run_requested_outputs(session, "pixel_values", ("embedding", "attention", "patch_tokens"), requests)
+    requests = [(first, ("embedding",)), (second, ("attention", "embedding")), (first, ())]
+    responses = run_batch(session, "pixel_values", ("embedding", "attention", "patch_tokens"), requests)
 
-    assert [set(r) for r in responses] == [{"embedding"}, {"attention", "embedding"}]
+    assert [set(r) for r in responses] == [{"embedding"}, {"attention", "embedding"},
+                                           {"embedding", "attention", "patch_tokens"}]  # none named: all
+    np.testing.assert_array_equal(responses[2]["embedding"], responses[0]["embedding"])
     expected_first = session.run(["embedding"], {"pixel_values": first})[0]
     expected_second = session.run(["embedding", "attention"], {"pixel_values": second})
     np.testing.assert_allclose(responses[0]["embedding"], expected_first, atol=1e-5)
@@ -120,7 +127,7 @@ def test_without_access_to_tritons_shared_memory_api_inputs_go_in_the_http_body(
         finally:
             await backend.close()
 
-    refused, refused_result = run(infer())  # PyTriton keeps the API to the holder of its token
+    refused, refused_result = run(infer())  # the embedded Triton keeps the API to the holder of its token
     off, off_result = run(infer(access_token=triton.access_token, shared_memory="off"))
     assert refused.usable is False and off is None
     expected = session.run(["embedding"], {"pixel_values": batch})[0]
@@ -184,3 +191,47 @@ def test_a_restarted_triton_that_never_saw_the_regions_is_answered_and_gets_new_
         if second is not None:
             second.stop()
         first.stop()
+
+
+def test_the_embedded_triton_dies_with_the_gateway_process_even_when_killed(tmp_path):
+    """A gateway killed by SIGKILL runs no clean-up; Triton must not outlive it holding the ports."""
+    port = free_port()
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+              "from pathlib import Path\nfrom service.embedded_triton import EmbeddedTriton\n"
+              "from service.model_card import ModelCard\n"
+              f"bundle = Path({str(DEMO_BUNDLE)!r})\n"
+              f"triton = EmbeddedTriton(bundle, ModelCard.load(bundle), http_port={port})\n"
+              "triton.start(); print(triton._process.pid, flush=True); time.sleep(600)\n")
+    gateway = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        triton_pid = int(gateway.stdout.readline())
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_ready()
+        client.close()
+        gateway.kill()
+        gateway.wait()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{triton_pid}") and open(f"/proc/{triton_pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "Triton outlived its gateway by 30 s"
+            time.sleep(0.2)
+    finally:
+        gateway.kill()
+        gateway.wait()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a new Triton would (closed connections linger)
+        s.bind(("127.0.0.1", port))  # nothing listens on the port any more
+
+
+def test_a_model_triton_cannot_load_fails_start_with_tritons_own_reason_and_leaves_nothing(tmp_path, monkeypatch):
+    workspaces = tmp_path / "tmp"
+    workspaces.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(workspaces))
+    bundle = tmp_path / "dinoserve-demo"
+    shutil.copytree(DEMO_BUNDLE, bundle)
+    latest_model_file(bundle).write_bytes(b"not an onnx file")
+    embedded = EmbeddedTriton(bundle, CARD)
+    with pytest.raises(RuntimeError, match="(?s)embedded Triton exited.*dinoserve-demo") as failure:
+        embedded.start()
+    assert "INVALID_PROTOBUF" in str(failure.value)  # onnxruntime's reason, through Triton's log
+    assert embedded._process is None
+    assert list(workspaces.iterdir()) == []  # the model repository and backend links are gone

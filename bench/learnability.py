@@ -1,0 +1,127 @@
+"""Learnability check: can a model learn the synthetic shapes *with labels* on this machine's budget?
+
+Supervised cross-entropy training on ``training.data.make_sample`` images (6 classes, chance 16.7 %), for a
+small CNN and for the project's ViTs, from the same images, optimiser and schedule. It bounds what a
+self-supervised run of the same size can reach: a backbone that cannot learn the classes from labels in N
+steps will not learn them from DINO's self-distillation in N steps either.
+
+- ``cnn``: 4 conv layers (32/64/128/128 channels, 3x3, BatchNorm + ReLU), 2x2 max-pool between them, global
+  max pool, linear head;
+- ``ARCH/PATCH`` (``vit_micro/8``, ``vit_nano/4``, ...): ``training.models`` backbone at ``--size``, linear
+  head on its output (the final-norm CLS token).
+
+Training images are samples ``0..N-1`` of seed 5, validation images samples ``0..M-1`` of seed 202 (all
+background kinds), normalised with the ImageNet mean and std; no augmentation. AdamW (weight decay 0.05) with
+a linear warm-up over ``--warmup`` steps, then a constant learning rate; batches drawn with replacement from
+a seeded generator. Every ``--eval-every`` steps one row: the step, the training loss (mean since the last
+row), the validation top-1, and the elapsed wall and process CPU seconds of the training (evaluation
+included; data generation not).
+
+    python bench/learnability.py
+    python bench/learnability.py --models cnn vit_micro/8 vit_nano/4 --steps 600 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from datetime import date
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.data.synthetic import CLASSES, make_sample
+from training.models import BackboneSpec, build_backbone
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def images(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for index in range(count):
+        sample = make_sample(index, size, seed)
+        xs.append((torch.from_numpy(np.array(sample.image)).permute(2, 0, 1).float() / 255 - MEAN) / STD)
+        ys.append(sample.label)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def build(name: str, size: int) -> nn.Module:
+    if name == "cnn":
+        layers, cin = [], 3
+        for i, cout in enumerate((32, 64, 128, 128)):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            layers.append(nn.MaxPool2d(2) if i < 3 else nn.AdaptiveMaxPool2d(1))
+            cin = cout
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, len(CLASSES)))
+    arch, _, patch = name.partition("/")
+    spec = BackboneSpec.from_arch(arch, int(patch or 16), size)
+    return nn.Sequential(build_backbone(spec), nn.Linear(spec.embed_dim, len(CLASSES)))
+
+
+@torch.no_grad()
+def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    hits = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(256), y.split(256)))
+    model.train()
+    return 100 * hits / len(y)
+
+
+def train(name: str, data: tuple, args: argparse.Namespace) -> tuple:
+    (xtr, ytr), (xval, yval) = data
+    torch.manual_seed(args.seed)
+    model = build(name, args.size)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(args.seed)
+    print(f"\n## {name}: {params:,} parameters\n")
+    print("| step | train loss | val top-1 % | wall s | CPU s |\n|---:|---:|---:|---:|---:|")
+    print(f"| 0 | — | {top1(model, xval, yval):.1f} | 0 | 0 |", flush=True)
+    wall0, cpu0, losses = time.perf_counter(), time.process_time(), []
+    for step in range(1, args.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
+        idx = torch.randint(len(ytr), (args.batch,), generator=gen)
+        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = top1(model, xval, yval)
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            print(f"| {step} | {np.mean(losses):.3f} | {acc:.1f} | {wall:.0f} | {cpu:.0f} |", flush=True)
+            losses = []
+    return name, params, args.steps, wall, cpu, acc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cnn", "vit_micro/8"], help="cnn and/or ARCH/PATCH")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--train-images", type=int, default=3000)
+    parser.add_argument("--val-images", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch sampling")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = images(args.train_images, args.size, 5), images(args.val_images, args.size, 202)
+    print(f"# learnability: supervised, {args.size} px, {args.train_images} train / {args.val_images} val images, "
+          f"batch {args.batch}, AdamW lr {args.lr:g}, {args.threads} threads; {date.today()}")
+    rows = [train(name, data, args) for name in args.models]
+    print("\n## summary\n\n| model | params | steps | wall s | CPU s | val top-1 % | chance % |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, params, steps, wall, cpu, acc in rows:
+        print(f"| {name} | {params:,} | {steps} | {wall:.0f} | {cpu:.0f} | {acc:.1f} | {100 / len(CLASSES):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
