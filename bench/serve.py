@@ -4,10 +4,15 @@ For each JPEG size (0.3, 1 and 3 megapixels by default, generated from the synth
 each client concurrency (1, 4, 16, 64), clients post one image per request as multipart to ``dinoserve
 serve`` (gateway + embedded Triton, the bundle's ONNX in onnxruntime behind Triton's dynamic batcher) for
 ``--seconds``; the table shows throughput, p50/p95/p99 latency and the ratio of the throughput to the
-baseline. The baseline runs in this process, in the same session: the gateway's own decode + preprocess
-functions (``service.images``, the same reduced-scale JPEG decode) and the bundle's ONNX in onnxruntime with
-all cores, one image after the other — what an application embedding images itself would do. Its median latency is the floor for the
-concurrency-1 rows ("overhead" = gateway median − baseline median).
+baseline. The baseline runs in this process: the gateway's own decode + preprocess functions
+(``service.images``, the same reduced-scale JPEG decode) and the bundle's ONNX in onnxruntime with all cores,
+one image after the other — what an application embedding images itself would do. Its median latency is the
+floor for the concurrency-1 rows ("overhead" = gateway median − baseline median).
+
+The two sides are measured in alternating windows of ``--window`` seconds (baseline, gateway, baseline, ...)
+until each has had ``--seconds``: the speed of a shared VM drifts by tens of percent over minutes, and a
+baseline measured once at the start made ratios minutes apart say more about the drift than the gateway.
+Every row's ratio and overhead are against the baseline windows interleaved with its own.
 
 ``--max-batch-size`` and ``--queue-delay-us`` take several values: the gateway is started once per combination
 (the embedded Triton's dynamic batcher, ``DINOSERVE_EMBEDDED_MAX_BATCH_SIZE`` / ``_QUEUE_DELAY_US``) and every
@@ -23,13 +28,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import math
 import os
 import platform
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -56,8 +64,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def baseline(model_dir: Path, card: ModelCard, image: bytes, seconds: float) -> tuple[float, list[float]]:
-    """(images/s, per-image latencies in ms) of decode + preprocess + ONNX, one image at a time."""
+def in_process(model_dir: Path, card: ModelCard, image: bytes):
+    """The baseline's unit of work, warmed up: decode + preprocess + ONNX of one image, in this process."""
     session = ort.InferenceSession(str(latest_model_file(model_dir)), providers=["CPUExecutionProvider"])
     name = card.output_name("embedding")
 
@@ -67,8 +75,13 @@ def baseline(model_dir: Path, card: ModelCard, image: bytes, seconds: float) -> 
 
     for _ in range(3):
         once()
+    return once
+
+
+def baseline(once, seconds: float) -> tuple[float, list[float]]:
+    """(images/s, per-image latencies in ms) of ``once``, one image after the other, for ``seconds``."""
     latencies, started = [], time.perf_counter()
-    while time.perf_counter() - started < seconds or len(latencies) < 5:
+    while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()
         once()
         latencies.append((time.perf_counter() - t) * 1e3)
@@ -110,6 +123,23 @@ async def drive(url: str, image: bytes, concurrency: int, seconds: float) -> tup
     return len(latencies) / elapsed, latencies, failures
 
 
+@dataclass
+class Row:
+    megapixels: float
+    batcher: str
+    concurrency: int
+    rate: float  # gateway images/s, mean over its windows
+    latencies: list[float]
+    failed: int
+    mean_batch: float
+    local_rate: float  # in-process images/s over the interleaved baseline windows
+    local_latencies: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.rate / self.local_rate
+
+
 def triton_counts(metrics_url: str, model: str) -> tuple[float, float]:
     """(inference requests, model executions) so far, from the embedded Triton's Prometheus metrics: their
     ratio over a row is the mean batch the dynamic batcher formed."""
@@ -148,7 +178,9 @@ def main() -> None:
     parser.add_argument("--megapixels", type=float, nargs="+", default=sorted(MEGAPIXEL_SIZES),
                         choices=sorted(MEGAPIXEL_SIZES))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured time per row")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured time per row, for each side")
+    parser.add_argument("--window", type=float, default=2.0,
+                        help="length of the alternating baseline and gateway windows, in seconds")
     parser.add_argument("--max-batch-size", type=int, nargs="+", default=[Settings.embedded_max_batch_size],
                         help="embedded Triton's max batch size(s) (default: the gateway's)")
     parser.add_argument("--queue-delay-us", type=int, nargs="+", default=[Settings.embedded_queue_delay_us],
@@ -163,7 +195,8 @@ def main() -> None:
     print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}, "
           f"model {card.name} ({card.arch}/{card.patch_size}, {card.embed_dim}-d), {args.seconds:.0f} s per row")
     images = {mp: jpeg(mp) for mp in args.megapixels}
-    floors = {mp: baseline(model_dir, card, images[mp], args.seconds) for mp in args.megapixels}
+    runners = {mp: in_process(model_dir, card, images[mp]) for mp in args.megapixels}
+    windows = max(1, math.ceil(args.seconds / args.window))
 
     rows = []
     for max_batch, delay in batchers:
@@ -175,42 +208,49 @@ def main() -> None:
         try:
             for mp in args.megapixels:
                 for concurrency in args.concurrency:
+                    local_rates, local_latencies, rates, latencies, failed = [], [], [], [], 0
                     requests_before, runs_before = triton_counts(metrics_url, card.name)
-                    rate, latencies, failed = asyncio.run(drive(url, images[mp], concurrency, args.seconds))
+                    for _ in range(windows):
+                        rate, window_latencies = baseline(runners[mp], args.window)
+                        local_rates.append(rate)
+                        local_latencies += window_latencies
+                        rate, window_latencies, window_failed = asyncio.run(
+                            drive(url, images[mp], concurrency, args.window))
+                        rates.append(rate)
+                        latencies += window_latencies
+                        failed += window_failed
                     requests_after, runs_after = triton_counts(metrics_url, card.name)
                     mean_batch = (requests_after - requests_before) / max(runs_after - runs_before, 1)
-                    rows.append((mp, f"{max_batch} / {delay}", concurrency, rate, latencies, failed, mean_batch))
-                    print(f"  {mp} MP, batch {max_batch}, delay {delay} us, x{concurrency}: {rate:.1f} img/s, "
-                          f"mean batch {mean_batch:.1f}", file=sys.stderr, flush=True)
+                    row = Row(mp, f"{max_batch} / {delay}", concurrency, statistics.mean(rates), latencies, failed,
+                              mean_batch, statistics.mean(local_rates), local_latencies)
+                    rows.append(row)
+                    print(f"  {mp} MP, batch {max_batch}, delay {delay} us, x{concurrency}: {row.rate:.1f} img/s "
+                          f"({row.ratio:.2f}x), mean batch {mean_batch:.1f}", file=sys.stderr, flush=True)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
 
-    print("\n| JPEG | path | max batch / queue delay µs | concurrency | images/s | p50 ms | p95 ms | p99 ms "
-          "| vs baseline | mean batch | failed |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for mp in args.megapixels:
-        w, h = MEGAPIXEL_SIZES[mp]
-        rate, latencies = floors[mp]
-        label = f"{mp:g} MP ({w}x{h}, {len(images[mp]) / 1e3:.0f} kB)"
-        print(f"| {label} | in-process ONNX | — | 1 | {rate:.1f} | {percentile(latencies, 50):.1f} | "
-              f"{percentile(latencies, 95):.1f} | {percentile(latencies, 99):.1f} | 1.00x | 1 | 0 |")
-        for row_mp, batcher, concurrency, gw_rate, gw_latencies, failed, mean_batch in rows:
-            if row_mp == mp:
-                print(f"| {label} | gateway + Triton | {batcher} | {concurrency} | {gw_rate:.1f} | "
-                      f"{percentile(gw_latencies, 50):.1f} | {percentile(gw_latencies, 95):.1f} | "
-                      f"{percentile(gw_latencies, 99):.1f} | {gw_rate / rate:.2f}x | {mean_batch:.1f} | {failed} |")
-    print("\nconcurrency-1 latency overhead (gateway p50 - baseline p50):")
-    for row_mp, batcher, concurrency, _, gw_latencies, _, _ in rows:
-        if concurrency == 1:
-            overhead = percentile(gw_latencies, 50) - percentile(floors[row_mp][1], 50)
-            print(f"  {row_mp:g} MP, batcher {batcher}: {overhead:+.1f} ms (median of {len(gw_latencies)} requests)")
+    print("\n| JPEG | max batch / queue delay µs | concurrency | images/s | p50 ms | p95 ms | p99 ms "
+          "| in-process images/s | in-process p50 ms | vs baseline | mean batch | failed |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        w, h = MEGAPIXEL_SIZES[row.megapixels]
+        print(f"| {row.megapixels:g} MP ({w}x{h}, {len(images[row.megapixels]) / 1e3:.0f} kB) | {row.batcher} | "
+              f"{row.concurrency} | {row.rate:.1f} | {percentile(row.latencies, 50):.1f} | "
+              f"{percentile(row.latencies, 95):.1f} | {percentile(row.latencies, 99):.1f} | {row.local_rate:.1f} | "
+              f"{percentile(row.local_latencies, 50):.1f} | {row.ratio:.2f}x | {row.mean_batch:.1f} | {row.failed} |")
+    print("\nconcurrency-1 latency overhead (gateway p50 - in-process p50 of the interleaved windows):")
+    for row in rows:
+        if row.concurrency == 1:
+            overhead = percentile(row.latencies, 50) - percentile(row.local_latencies, 50)
+            print(f"  {row.megapixels:g} MP, batcher {row.batcher}: {overhead:+.1f} ms "
+                  f"(medians of {len(row.latencies)} and {len(row.local_latencies)} images)")
     for max_batch, delay in batchers:
         batcher = f"{max_batch} / {delay}"
-        saturated = [(mp, max((r for r in rows if r[0] == mp and r[1] == batcher), key=lambda r: r[3]))
+        saturated = [max((r for r in rows if r.megapixels == mp and r.batcher == batcher), key=lambda r: r.rate)
                      for mp in args.megapixels]
         print(f"saturation (best concurrency) vs baseline, batcher {batcher}: " + ", ".join(
-            f"{mp:g} MP {row[3] / floors[mp][0]:.2f}x at {row[2]}" for mp, row in saturated))
+            f"{row.megapixels:g} MP {row.ratio:.2f}x at {row.concurrency}" for row in saturated))
 
 
 if __name__ == "__main__":

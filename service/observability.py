@@ -14,6 +14,7 @@ import uuid
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError
@@ -26,6 +27,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 # Probes and scrapes arrive every few seconds: their access lines are logged at debug level only.
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+CLIENT_CLOSED_REQUEST = 499
 ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -113,6 +115,10 @@ class ObservabilityMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client closed the connection before its body was read: nobody to answer. Logged and counted
+            # as 499 (nginx's "client closed request"), neither a client error of the API nor a server error.
+            status = CLIENT_CLOSED_REQUEST
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if response_started:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, bad_request, too_large, unsupported_media
@@ -64,7 +65,7 @@ async def read_form(request: Request, max_files: int) -> FormData:
     when malformed."""
     try:
         return await request.form(max_files=max_files)
-    except ApiError:
+    except (ApiError, ClientDisconnect):  # a client gone mid-body is not a malformed body
         raise
     except (HTTPException, MultiPartException) as exc:  # Starlette wraps its parser's errors in a 400
         detail = exc.detail if isinstance(exc, HTTPException) else exc.message

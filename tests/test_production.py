@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -202,6 +203,24 @@ def test_logs_are_json_lines_and_access_lines_carry_the_request_id(keyed_gateway
     assert {"uvicorn.error", "service.app", "dinoserve.access"} <= {r["logger"] for r in records}
     assert all({"time", "level", "logger", "message", "request_id"} <= set(r) for r in records)
     assert not [line for line in lines if PYTHON_TEXT_LOG.match(line)], "a Python log line in text form"
+
+
+def test_a_client_gone_mid_body_is_logged_as_499_not_as_a_malformed_body(keyed_gateway):
+    host, port = keyed_gateway.url.removeprefix("http://").split(":")
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + jpeg(4))
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"X-Request-ID: gone-mid-body\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(body) + 1000}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(head + body[: len(body) // 2])
+        time.sleep(0.5)  # the gateway is parsing the part when the connection goes
+    log = Path(keyed_gateway.log.name)
+    (line,) = [e for e in _json_lines_with(log, "gone-mid-body") if e["logger"] == "dinoserve.access"]
+    assert line["status"] == 499 and line["level"] == "info"
+    assert not [e for e in _json_lines_with(log, "gone-mid-body") if e["level"] in ("warning", "error")]
+    assert httpx.post(f"{keyed_gateway.url}/v1/embeddings", files=image_files(1), headers=AUTH,
+                      timeout=60).status_code == 200  # and the gateway goes on
 
 
 # ------------------------------------------------------------------------------------- backpressure and time
