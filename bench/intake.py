@@ -9,8 +9,11 @@ Two paths of ``service/images.py``, same model card transform (shorter side 256,
 
 The picture is generated, not downloaded: ``training.data.make_sample`` at 2048x1536 (3.1 MP), saved as JPEG
 quality 90. The process pins itself to one core (Pillow's codecs and the element-wise NumPy used are
-single-threaded anyway); the medians of wall and CPU time over ``--repeats`` runs after two warm-up runs are
-reported, with the mean absolute difference of the draft tensor to the full one (normalised units).
+single-threaded anyway). A third row times libjpeg-turbo alone on the draft path's scale (``Image.draft`` +
+``load``, none of our code): the floor the draft path stands on. The paths are timed in turn, one run each per
+round, so that the host's drifting speed weighs on all of them alike; the medians of wall and CPU time over
+``--repeats`` rounds after two warm-up rounds are reported, with the mean absolute difference of the draft
+tensor to the full one (normalised units).
 
     python bench/intake.py
     python bench/intake.py --size 1155x866 --margins 1 2    # 1 MP, two margins
@@ -27,6 +30,7 @@ import time
 from datetime import date
 
 import numpy as np
+from PIL import Image
 
 from service.images import decode_for_embedding, decode_image, embedding_input, preprocess
 from service.model_card import Preprocess
@@ -41,18 +45,21 @@ def sample_jpeg(width: int, height: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def median_ms(fn, repeats: int) -> tuple[float, float]:
-    """Median wall and CPU milliseconds of ``fn()``; on a shared machine the CPU time leaves out the waits for
-    the core (the process has one thread on one core, so CPU time is its work)."""
+def median_ms(fns: list, repeats: int) -> list[tuple[float, float]]:
+    """Median wall and CPU milliseconds of each of ``fns``, called in turn ``repeats`` times; on a shared
+    machine the CPU time leaves out the waits for the core (the process has one thread on one core, so CPU
+    time is its work)."""
     for _ in range(2):
-        fn()
-    wall, cpu = [], []
+        for fn in fns:
+            fn()
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall) * 1000, statistics.median(cpu) * 1000
+        for i, fn in enumerate(fns):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    return [(statistics.median(w) * 1000, statistics.median(c) * 1000) for w, c in zip(wall, cpu)]
 
 
 def cpu_name() -> str:
@@ -80,16 +87,24 @@ def main() -> None:
         return preprocess(decode_image(data, MAX_PIXELS), spec)
 
     reference = full()
-    rows = [("full decode + resize", median_ms(full, args.repeats), None, f"{width}x{height}")]
+    paths = [("full decode + resize", full, None, f"{width}x{height}")]
     for margin in args.margins:
         def draft(margin=margin) -> np.ndarray:
             return embedding_input(decode_for_embedding(data, spec, MAX_PIXELS, draft_margin=margin), spec)
 
         decoded = decode_for_embedding(data, spec, MAX_PIXELS, draft_margin=margin)
         diff = float(np.abs(draft() - reference).mean())
-        rows.append((f"draft (margin {margin}) + crop-box resize", median_ms(draft, args.repeats), diff,
-                     "x".join(map(str, decoded.image.size))))
+        paths.append((f"draft (margin {margin}) + crop-box resize", draft, diff, "x".join(map(str, decoded.image.size))))
+    smallest = decode_for_embedding(data, spec, MAX_PIXELS, draft_margin=min(args.margins)).image.size
 
+    def libjpeg_alone() -> None:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", smallest)
+        img.load()
+
+    paths.append(("libjpeg-turbo alone at the draft scale (floor)", libjpeg_alone, None, "x".join(map(str, smallest))))
+    timings = median_ms([fn for _, fn, _, _ in paths], args.repeats)
+    rows = [(name, timing, diff, size) for (name, _, diff, size), timing in zip(paths, timings)]
     print(f"# intake: {width}x{height} JPEG q{args.quality} ({len(data) / 1024:.0f} KiB) → [3, {spec.crop}, "
           f"{spec.crop}] float32; one core, median of {args.repeats}; {date.today()}, {cpu_name()}")
     print("| path | decoded at | median ms (wall) | median ms (CPU) | speed-up (CPU) | mean abs diff to full |")
