@@ -94,7 +94,8 @@ def main() -> None:
 
         decoded = decode_for_embedding(data, spec, MAX_PIXELS, draft_margin=margin)
         diff = float(np.abs(draft() - reference).mean())
-        paths.append((f"draft (margin {margin}) + crop-box resize", draft, diff, "x".join(map(str, decoded.image.size))))
+        paths.append((f"draft (margin {margin}) + crop-box resize", draft, diff,
+                      "x".join(map(str, decoded.image.size))))
     smallest = decode_for_embedding(data, spec, MAX_PIXELS, draft_margin=min(args.margins)).image.size
 
     def libjpeg_alone() -> None:

@@ -69,7 +69,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: str, level: str) -> None:
-    """Route every logger (ours, the embedded Triton's lines, uvicorn's) through one stderr handler in ``log_format``."""
+    """Route every logger (ours, the embedded Triton's lines, uvicorn's) through one stderr handler in
+    ``log_format``."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log_format is {log_format!r}; use json or text")
     handler = logging.StreamHandler(sys.stderr)
