@@ -189,9 +189,20 @@ class Objective(nn.Module, abc.ABC):
         """Called between backward and the optimizer step (SwAV drops the prototypes' gradients)."""
 
 
-class MoCoV3(Objective):
+class MomentumPredictor(Objective):
+    """MoCo v3 and BYOL: the online network's predictions of both views against the momentum encoder's
+    projections of them; ``self.loss(p1, p2, t1, t2)`` is the method's symmetric loss."""
+
     momentum_encoder = True
 
+    def forward(self, student, teacher, crops):
+        (z1, p1), (z2, p2) = student(crops)
+        with torch.no_grad():
+            t1, t2 = teacher(crops)
+        return self.loss(p1, p2, t1, t2), {"embedding_std": embedding_std(z1)}
+
+
+class MoCoV3(MomentumPredictor):
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         queue = NegativeQueue(cfg.bottleneck_dim, cfg.queue_size) if cfg.queue_size else None
@@ -202,12 +213,6 @@ class MoCoV3(Objective):
         return ProjectionHead(
             projection_mlp(3, in_dim, c.hidden_dim, c.bottleneck_dim, c.mlp_bn),
             projection_mlp(2, c.bottleneck_dim, c.hidden_dim, c.bottleneck_dim, c.mlp_bn) if predictor else None)
-
-    def forward(self, student, teacher, crops):
-        (z1, q1), (z2, q2) = student(crops)
-        with torch.no_grad():
-            k1, k2 = teacher(crops)
-        return self.loss(q1, q2, k1, k2), {"embedding_std": embedding_std(z1)}
 
 
 class SimCLR(Objective):
@@ -223,9 +228,7 @@ class SimCLR(Objective):
         return self.loss(z1, z2), {"embedding_std": embedding_std(z1)}
 
 
-class BYOL(Objective):
-    momentum_encoder = True
-
+class BYOL(MomentumPredictor):
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         self.loss = BYOLLoss()
@@ -236,12 +239,6 @@ class BYOL(Objective):
             projection_mlp(2, in_dim, c.hidden_dim, c.bottleneck_dim, c.mlp_bn, last_bn=False),
             projection_mlp(2, c.bottleneck_dim, c.hidden_dim, c.bottleneck_dim, c.mlp_bn, last_bn=False)
             if predictor else None)
-
-    def forward(self, student, teacher, crops):
-        (z1, p1), (z2, p2) = student(crops)
-        with torch.no_grad():
-            t1, t2 = teacher(crops)
-        return self.loss(p1, p2, t1, t2), {"embedding_std": embedding_std(z1)}
 
 
 class SimSiam(Objective):
