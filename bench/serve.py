@@ -14,6 +14,11 @@ until each has had ``--seconds``: the speed of a shared VM drifts by tens of per
 baseline measured once at the start made ratios minutes apart say more about the drift than the gateway.
 Every row's ratio and overhead are against the baseline windows interleaved with its own.
 
+The clients are lean by default, as a load generator's should be: each holds one keep-alive HTTP/1.1
+connection and sends a multipart request encoded once, so the milliseconds measured are the server's.
+``--client httpx`` posts through httpx instead, which shows what a typical Python client adds on this
+machine, where the clients share the cores with the server.
+
 ``--max-batch-size`` and ``--queue-delay-us`` take several values: the gateway is started once per combination
 (the embedded Triton's dynamic batcher, ``DINOSERVE_EMBEDDED_MAX_BATCH_SIZE`` / ``_QUEUE_DELAY_US``) and every
 row is measured under each, which is how the defaults in ``service/settings.py`` were chosen.
@@ -32,11 +37,13 @@ import math
 import os
 import platform
 import re
+import secrets
 import signal
 import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -65,61 +72,138 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def in_process(model_dir: Path, card: ModelCard, image: bytes):
-    """The baseline's unit of work, warmed up: decode + preprocess + ONNX of one image, in this process."""
+    """The baseline's unit of work, warmed up: decode + preprocess + ONNX of one image, in this process;
+    each call returns the milliseconds of its two parts (intake, onnxruntime)."""
     session = ort.InferenceSession(str(latest_model_file(model_dir)), providers=["CPUExecutionProvider"])
     name = card.output_name("embedding")
 
-    def once() -> None:
+    def once() -> tuple[float, float]:
+        started = time.perf_counter()
         pixels = embedding_input(decode_for_embedding(image, card.preprocess, 10 ** 9), card.preprocess)
+        decoded = time.perf_counter()
         session.run([name], {card.input_name: pixels[None]})
+        return (decoded - started) * 1e3, (time.perf_counter() - decoded) * 1e3
 
     for _ in range(3):
         once()
     return once
 
 
-def baseline(once, seconds: float) -> tuple[float, list[float]]:
-    """(images/s, per-image latencies in ms) of ``once``, one image after the other, for ``seconds``."""
-    latencies, started = [], time.perf_counter()
+def baseline(once, seconds: float) -> tuple[float, list[float], list[tuple[float, float]]]:
+    """(images/s, per-image latencies in ms, per-image (intake, onnxruntime) ms) of ``once``, one image
+    after the other, for ``seconds``."""
+    latencies, parts, started = [], [], time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()
-        once()
+        parts.append(once())
         latencies.append((time.perf_counter() - t) * 1e3)
-    return len(latencies) / (time.perf_counter() - started), latencies
+    return len(latencies) / (time.perf_counter() - started), latencies, parts
 
 
-async def drive(url: str, image: bytes, concurrency: int, seconds: float) -> tuple[float, list[float], int]:
+class LeanClient:
+    """The load generator's client: one keep-alive HTTP/1.1 connection per simulated client, posting a
+    multipart request encoded once and reading the response by its Content-Length. A general-purpose client
+    spends its own milliseconds per request on the two shared cores (httpx: about 3 ms at 1 MP, measured
+    with ``--client httpx``), which a benchmark of the server should not charge to the server."""
+
+    def __init__(self, url: str, image: bytes) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port
+        boundary = f"dinoserve-bench-{secrets.token_hex(8)}"
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="photo.jpg"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        self.request = (f"POST /v1/embeddings HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self) -> tuple[int, bytes]:
+        """(status, body) of one request; raises ``OSError`` or ``asyncio.IncompleteReadError`` when the
+        connection fails, and the next call opens a new one."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        try:
+            writer.write(self.request)
+            status_line = await reader.readline()
+            if not status_line:
+                raise ConnectionResetError("the server closed the connection")
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            if b"content-length" not in headers:
+                raise ConnectionAbortedError(f"response without Content-Length: {status_line!r}")
+            body = await reader.readexactly(int(headers[b"content-length"]))
+        except BaseException:
+            self.close()
+            raise
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return int(status_line.split()[1]), body
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+class HttpxClient:
+    """httpx's ``AsyncClient`` posting the same request, as a typical Python application would."""
+
+    def __init__(self, client: httpx.AsyncClient, image: bytes) -> None:
+        self.client, self.image = client, image
+
+    async def post(self) -> tuple[int, bytes]:
+        try:
+            response = await self.client.post("/v1/embeddings",
+                                              files=[("images", ("photo.jpg", self.image, "image/jpeg"))])
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        return response.status_code, response.content
+
+
+async def drive(url: str, image: bytes, concurrency: int, seconds: float,
+                client: str = "lean") -> tuple[float, list[float], int]:
     """(images/s, latencies in ms, failed requests) of ``concurrency`` clients posting for ``seconds``."""
     latencies: list[float] = []
     failures = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        async def post() -> bool:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as shared:
+        clients = [LeanClient(url, image) if client == "lean" else HttpxClient(shared, image)
+                   for _ in range(concurrency)]
+
+        async def post(c: LeanClient | HttpxClient) -> bool:
             try:
-                response = await client.post("/v1/embeddings", files=[("images", ("photo.jpg", image, "image/jpeg"))])
-            except httpx.TransportError as exc:
+                status, body = await c.post()
+            except (OSError, asyncio.IncompleteReadError) as exc:
                 print(f"request failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 return False
-            if response.status_code != 200:
-                print(f"request failed: {response.status_code} {response.text[:300]}", file=sys.stderr, flush=True)
-            return response.status_code == 200
+            if status != 200:
+                print(f"request failed: {status} {body[:300]!r}", file=sys.stderr, flush=True)
+            return status == 200
 
-        await asyncio.gather(*(post() for _ in range(concurrency)))  # warm connections and batch shapes
-        stop = time.perf_counter() + seconds
+        try:
+            await asyncio.gather(*(post(c) for c in clients))  # warm connections and batch shapes
+            stop = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            nonlocal failures
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                ok = await post()
-                if ok:
-                    latencies.append((time.perf_counter() - t) * 1e3)
-                else:
-                    failures += 1
+            async def worker(c: LeanClient | HttpxClient) -> None:
+                nonlocal failures
+                while time.perf_counter() < stop:
+                    t = time.perf_counter()
+                    ok = await post(c)
+                    if ok:
+                        latencies.append((time.perf_counter() - t) * 1e3)
+                    else:
+                        failures += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(c) for c in clients))
+            elapsed = time.perf_counter() - started
+        finally:
+            for c in clients:
+                if isinstance(c, LeanClient):
+                    c.close()
     return len(latencies) / elapsed, latencies, failures
 
 
@@ -132,21 +216,46 @@ class Row:
     latencies: list[float]
     failed: int
     mean_batch: float
+    stages: dict[str, float]  # mean ms per request, from ``breakdown``
     local_rate: float  # in-process images/s over the interleaved baseline windows
     local_latencies: list[float]
+    local_parts: list[tuple[float, float]]  # in-process (intake, onnxruntime) ms per image
 
     @property
     def ratio(self) -> float:
         return self.rate / self.local_rate
 
 
-def triton_counts(metrics_url: str, model: str) -> tuple[float, float]:
-    """(inference requests, model executions) so far, from the embedded Triton's Prometheus metrics: their
-    ratio over a row is the mean batch the dynamic batcher formed."""
-    text = httpx.get(metrics_url, timeout=10).text
-    counts = dict(re.findall(r'^nv_inference_(request_success|exec_count)\{[^}]*model="%s"[^}]*\} (\S+)'
-                             % re.escape(model), text, re.M))
-    return float(counts["request_success"]), float(counts["exec_count"])
+TRITON_STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def counters(gateway_url: str, metrics_url: str, model: str) -> dict[str, float]:
+    """Cumulative counters of the embedded Triton (its Prometheus metrics for ``model``: requests, model
+    executions, and microseconds per stage) and of the gateway (seconds per stage of its requests). Their
+    differences over a row give the mean batch the dynamic batcher formed and where a request's time went."""
+    values = {f"triton_{name}": float(value) for name, value in re.findall(
+        r'^nv_inference_(\w+)\{[^}]*model="%s"[^}]*\} (\S+)' % re.escape(model),
+        httpx.get(metrics_url, timeout=10).text, re.M)}
+    values.update({f"gateway_{stage}_{kind}": float(value) for kind, stage, value in re.findall(
+        r'^dinoserve_stage_duration_seconds_(sum|count)\{stage="(\w+)"\} (\S+)',
+        httpx.get(f"{gateway_url}/metrics", timeout=10).text, re.M)})
+    return values
+
+
+def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean milliseconds per request between two ``counters`` readings: the gateway's decode and preprocess,
+    its whole wait on Triton ("inference"), and inside that Triton's request time and its stages."""
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    requests = max(delta.get("triton_request_success", 0.0), 1.0)
+    means = {}
+    for stage in ("decode", "preprocess", "inference"):
+        count = delta.get(f"gateway_{stage}_count", 0.0)
+        if count:
+            means[f"gateway {stage}"] = delta[f"gateway_{stage}_sum"] / count * 1e3
+    means["Triton request"] = delta.get("triton_request_duration_us", 0.0) / requests / 1e3
+    for stage in TRITON_STAGES:
+        means[f"Triton {stage.replace('_', ' ')}"] = delta.get(f"triton_{stage}_duration_us", 0.0) / requests / 1e3
+    return means
 
 
 def start_server(model_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -181,6 +290,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="measured time per row, for each side")
     parser.add_argument("--window", type=float, default=2.0,
                         help="length of the alternating baseline and gateway windows, in seconds")
+    parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
+                        help="the clients' HTTP code: a lean keep-alive connection sending a request encoded "
+                             "once (default), or httpx as a typical Python application")
     parser.add_argument("--max-batch-size", type=int, nargs="+", default=[Settings.embedded_max_batch_size],
                         help="embedded Triton's max batch size(s) (default: the gateway's)")
     parser.add_argument("--queue-delay-us", type=int, nargs="+", default=[Settings.embedded_queue_delay_us],
@@ -193,7 +305,8 @@ def main() -> None:
     card = ModelCard.load(model_dir)
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-serve.log"
     print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}, "
-          f"model {card.name} ({card.arch}/{card.patch_size}, {card.embed_dim}-d), {args.seconds:.0f} s per row")
+          f"model {card.name} ({card.arch}/{card.patch_size}, {card.embed_dim}-d), {args.seconds:.0f} s per row, "
+          f"{args.client} clients")
     images = {mp: jpeg(mp) for mp in args.megapixels}
     runners = {mp: in_process(model_dir, card, images[mp]) for mp in args.megapixels}
     windows = max(1, math.ceil(args.seconds / args.window))
@@ -208,21 +321,24 @@ def main() -> None:
         try:
             for mp in args.megapixels:
                 for concurrency in args.concurrency:
-                    local_rates, local_latencies, rates, latencies, failed = [], [], [], [], 0
-                    requests_before, runs_before = triton_counts(metrics_url, card.name)
+                    local_rates, local_latencies, local_parts, rates, latencies, failed = [], [], [], [], [], 0
+                    before = counters(url, metrics_url, card.name)
                     for _ in range(windows):
-                        rate, window_latencies = baseline(runners[mp], args.window)
+                        rate, window_latencies, window_parts = baseline(runners[mp], args.window)
                         local_rates.append(rate)
                         local_latencies += window_latencies
+                        local_parts += window_parts
                         rate, window_latencies, window_failed = asyncio.run(
-                            drive(url, images[mp], concurrency, args.window))
+                            drive(url, images[mp], concurrency, args.window, args.client))
                         rates.append(rate)
                         latencies += window_latencies
                         failed += window_failed
-                    requests_after, runs_after = triton_counts(metrics_url, card.name)
-                    mean_batch = (requests_after - requests_before) / max(runs_after - runs_before, 1)
+                    after = counters(url, metrics_url, card.name)
+                    mean_batch = ((after["triton_request_success"] - before["triton_request_success"])
+                                  / max(after["triton_exec_count"] - before["triton_exec_count"], 1))
                     row = Row(mp, f"{max_batch} / {delay}", concurrency, statistics.mean(rates), latencies, failed,
-                              mean_batch, statistics.mean(local_rates), local_latencies)
+                              mean_batch, breakdown(before, after), statistics.mean(local_rates), local_latencies,
+                              local_parts)
                     rows.append(row)
                     print(f"  {mp} MP, batch {max_batch}, delay {delay} us, x{concurrency}: {row.rate:.1f} img/s "
                           f"({row.ratio:.2f}x), mean batch {mean_batch:.1f}", file=sys.stderr, flush=True)
@@ -245,6 +361,9 @@ def main() -> None:
             overhead = percentile(row.latencies, 50) - percentile(row.local_latencies, 50)
             print(f"  {row.megapixels:g} MP, batcher {row.batcher}: {overhead:+.1f} ms "
                   f"(medians of {len(row.latencies)} and {len(row.local_latencies)} images)")
+            intake, model = (statistics.mean(part) for part in zip(*row.local_parts))
+            print(f"    mean ms per image: in-process intake {intake:.1f}, onnxruntime {model:.1f}; "
+                  + ", ".join(f"{name} {ms:.1f}" for name, ms in row.stages.items()))
     for max_batch, delay in batchers:
         batcher = f"{max_batch} / {delay}"
         saturated = [max((r for r in rows if r.megapixels == mp and r.batcher == batcher), key=lambda r: r.rate)

@@ -99,7 +99,8 @@ def _load_rgb(img: Image.Image) -> Image.Image:
     """Decode the pixels of an opened image, apply its EXIF orientation, convert to RGB (400 when corrupt)."""
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even an upright one
+            img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
         raise too_large(str(exc)) from None
     except Exception as exc:  # truncation and corruption surface here as OSError, SyntaxError, EOFError, ...
