@@ -36,7 +36,6 @@ import io
 import math
 import os
 import platform
-import re
 import secrets
 import signal
 import statistics
@@ -51,6 +50,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.embedded_triton import free_port
 from service.images import decode_for_embedding, embedding_input
@@ -233,12 +233,19 @@ def counters(gateway_url: str, metrics_url: str, model: str) -> dict[str, float]
     """Cumulative counters of the embedded Triton (its Prometheus metrics for ``model``: requests, model
     executions, and microseconds per stage) and of the gateway (seconds per stage of its requests). Their
     differences over a row give the mean batch the dynamic batcher formed and where a request's time went."""
-    values = {f"triton_{name}": float(value) for name, value in re.findall(
-        r'^nv_inference_(\w+)\{[^}]*model="%s"[^}]*\} (\S+)' % re.escape(model),
-        httpx.get(metrics_url, timeout=10).text, re.M)}
-    values.update({f"gateway_{stage}_{kind}": float(value) for kind, stage, value in re.findall(
-        r'^dinoserve_stage_duration_seconds_(sum|count)\{stage="(\w+)"\} (\S+)',
-        httpx.get(f"{gateway_url}/metrics", timeout=10).text, re.M)})
+    def samples(url: str):
+        return (sample for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
+                for sample in family.samples)
+
+    values: dict[str, float] = {}
+    for sample in samples(metrics_url):
+        if sample.name.startswith("nv_inference_") and sample.labels.get("model") == model:
+            # the parser names counter samples ``<name>_total``, Triton's text does not
+            key = f"triton_{sample.name.removeprefix('nv_inference_').removesuffix('_total')}"
+            values[key] = values.get(key, 0.0) + sample.value
+    for sample in samples(f"{gateway_url}/metrics"):
+        if sample.name in ("dinoserve_stage_duration_seconds_sum", "dinoserve_stage_duration_seconds_count"):
+            values[f"gateway_{sample.labels['stage']}_{sample.name.rsplit('_', 1)[1]}"] = sample.value
     return values
 
 
