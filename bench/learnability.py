@@ -1,24 +1,32 @@
 """Learnability check: can a model learn the synthetic shapes *with labels* on this machine's budget?
 
 Supervised cross-entropy training on ``training.data.make_sample`` images (6 classes, chance 16.7 %), for a
-small CNN and for the project's ViTs, from the same images, optimiser and schedule. It bounds what a
+small CNN, for the project's ViTs and for ViTs with a convolutional stem, from the same images, optimiser and
+schedule. It bounds what a
 self-supervised run of the same size can reach: a backbone that cannot learn the classes from labels in N
 steps will not learn them from DINO's self-distillation in N steps either.
 
 - ``cnn``: 4 conv layers (32/64/128/128 channels, 3x3, BatchNorm + ReLU), 2x2 max-pool between them, global
   max pool, linear head;
 - ``ARCH/PATCH`` (``vit_micro/8``, ``vit_nano/4``, ...): ``training.models`` backbone at ``--size``, linear
-  head on its output (the final-norm CLS token).
+  head on its output (the final-norm CLS token);
+- ``ARCH/PATCH+conv``: the same ViT with its patch projection (one PATCH x PATCH convolution of stride PATCH)
+  replaced by a convolutional stem of the same stride, as Xiao et al., *Early Convolutions Help Transformers
+  See Better* (NeurIPS 2021): log2(PATCH) 3x3 convolutions of stride 2 (channels doubling up to the
+  embedding width / 2, BatchNorm + ReLU) and a 1x1 projection to the embedding width.
 
-Training images are samples ``0..N-1`` of seed 5, validation images samples ``0..M-1`` of seed 202 (all
-background kinds), normalised with the ImageNet mean and std; no augmentation. AdamW (weight decay 0.05) with
-a linear warm-up over ``--warmup`` steps, then a constant learning rate; batches drawn with replacement from
-a seeded generator. Every ``--eval-every`` steps one row: the step, the training loss (mean since the last
-row), the validation top-1, and the elapsed wall and process CPU seconds of the training (evaluation
-included; data generation not).
+Training images are samples ``0..N-1`` of seed 5 on ``--backgrounds`` (default ``classic``, the four kinds
+the figures in docs/training.md were measured on; ``train``: those and the ``photo`` pictures), validation
+images samples ``0..M-1`` of seed 202 on ``--val-backgrounds`` (default: the training ones; ``test``: kinds
+and pictures no training image has), normalised with the ImageNet mean and std; no augmentation. AdamW
+(weight decay 0.05) with a linear warm-up over ``--warmup`` steps, then a constant learning rate; batches
+drawn with replacement from a seeded generator. Every ``--eval-every`` steps one row: the step, the
+training loss (mean since the last row), the validation top-1, and the elapsed wall and process CPU seconds
+of the training (evaluation included; data generation not).
 
     python bench/learnability.py
     python bench/learnability.py --models cnn vit_micro/8 vit_nano/4 --steps 600 --threads 2
+    python bench/learnability.py --models vit_micro/8 vit_micro/8+conv --backgrounds train --val-backgrounds test
 """
 
 from __future__ import annotations
@@ -33,17 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data.synthetic import CLASSES, make_sample
+from training.data.synthetic import CLASSES, make_sample, parse_backgrounds
 from training.models import BackboneSpec, build_backbone
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-def images(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def images(count: int, size: int, seed: int, backgrounds: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for index in range(count):
-        sample = make_sample(index, size, seed)
+        sample = make_sample(index, size, seed, backgrounds)
         xs.append((torch.from_numpy(np.array(sample.image)).permute(2, 0, 1).float() / 255 - MEAN) / STD)
         ys.append(sample.label)
     return torch.stack(xs), torch.tensor(ys)
@@ -57,9 +65,28 @@ def build(name: str, size: int) -> nn.Module:
             layers.append(nn.MaxPool2d(2) if i < 3 else nn.AdaptiveMaxPool2d(1))
             cin = cout
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, len(CLASSES)))
+    name, plus, stem = name.partition("+")
     arch, _, patch = name.partition("/")
     spec = BackboneSpec.from_arch(arch, int(patch or 16), size)
-    return nn.Sequential(build_backbone(spec), nn.Linear(spec.embed_dim, len(CLASSES)))
+    vit = build_backbone(spec)
+    if plus:
+        if stem != "conv":
+            raise ValueError(f"unknown stem {stem!r}; ARCH/PATCH+conv is the convolutional one")
+        vit.patch_embed.proj = conv_stem(spec.patch_size, spec.embed_dim)
+    return nn.Sequential(vit, nn.Linear(spec.embed_dim, len(CLASSES)))
+
+
+def conv_stem(patch: int, dim: int) -> nn.Sequential:
+    """Stride-``patch`` stem: 3x3 stride-2 convolutions (BatchNorm, ReLU), then a 1x1 projection to ``dim``."""
+    steps = patch.bit_length() - 1
+    if patch < 2 or 1 << steps != patch:
+        raise ValueError(f"a convolutional stem needs a power-of-two patch size, not {patch}")
+    layers, cin = [], 3
+    for i in range(steps):
+        cout = max(16, dim // 2 >> (steps - 1 - i))
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        cin = cout
+    return nn.Sequential(*layers, nn.Conv2d(cin, dim, 1))
 
 
 @torch.no_grad()
@@ -111,11 +138,18 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch sampling")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
+    parser.add_argument("--backgrounds", default="classic", help="background kinds or groups of the training "
+                        "images, joined by + (default: classic; train adds the photo pictures)")
+    parser.add_argument("--val-backgrounds", help="of the validation images (default: --backgrounds; test: none "
+                        "that the training images have)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = images(args.train_images, args.size, 5), images(args.val_images, args.size, 202)
-    print(f"# learnability: supervised, {args.size} px, {args.train_images} train / {args.val_images} val images, "
-          f"batch {args.batch}, AdamW lr {args.lr:g}, {args.threads} threads; {date.today()}")
+    train_kinds = parse_backgrounds(args.backgrounds.split("+"))
+    val_kinds = parse_backgrounds((args.val_backgrounds or args.backgrounds).split("+"))
+    data = images(args.train_images, args.size, 5, train_kinds), images(args.val_images, args.size, 202, val_kinds)
+    print(f"# learnability: supervised, {args.size} px, {args.train_images} train ({'+'.join(train_kinds)}) / "
+          f"{args.val_images} val images ({'+'.join(val_kinds)}), batch {args.batch}, AdamW lr {args.lr:g}, "
+          f"{args.threads} threads; {date.today()}")
     rows = [train(name, data, args) for name in args.models]
     print("\n## summary\n\n| model | params | steps | wall s | CPU s | val top-1 % | chance % |")
     print("|---|---:|---:|---:|---:|---:|---:|")

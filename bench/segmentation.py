@@ -1,11 +1,13 @@
 """Mask quality and endpoint latency of ``POST /v1/segment`` on the synthetic shapes data.
 
 Quality: mean IoU (Jaccard) of each foreground method against the exact object masks of held-out
-synthetic images (``make_sample(index, seed=--seed)``; the demo model trained on seed 0), for a checkpoint
-and for the same architecture freshly initialised. The masks come from the functions the endpoint uses
-(``service.segmentation``), at the endpoint's geometry (shorter side ``--size``, masks back at the
-image size); the model runs in PyTorch through the exported graph (``training.export.BundleGraph``, the
-module ``dinoserve export`` writes to ONNX; onnxruntime agrees with it to ~1e-5).
+synthetic images (``make_sample(index, seed=--seed, backgrounds=--backgrounds, classes=--classes)``; the
+demo model trained on seed 0 with the ``train`` backgrounds, so ``--backgrounds test`` draws only kinds and
+photographs it never saw), for a checkpoint and for the same architecture freshly initialised. The masks
+come from the functions the endpoint uses (``service.segmentation``), at the endpoint's geometry (shorter
+side ``--size``, masks back at the image size); the model runs in PyTorch through the exported graph
+(``training.export.BundleGraph``, the module ``dinoserve export`` writes to ONNX; onnxruntime agrees with it
+to ~1e-5).
 
 "Best head" follows DINO's protocol of scoring a model's best head: the head is chosen on a separate
 selection split (indices after the evaluation ones) and scored on the evaluation split. "Oracle head"
@@ -15,6 +17,7 @@ Latency (``--latency``): ``dinoserve serve`` of a bundle, a 1 MP JPEG posted as 
 options, median over repeated requests after a warm-up.
 
     .venv/bin/python bench/segmentation.py --checkpoint demo/dinoserve-demo.pth --images 200
+    .venv/bin/python bench/segmentation.py --backgrounds test --classes unseen --image-size 96
     .venv/bin/python bench/segmentation.py --latency --bundle demo/model_repository/dinoserve-demo
 """
 
@@ -31,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from training.data import make_sample
+from training.data import make_sample, parse_backgrounds, parse_classes
 
 from serve import start_server  # bench/serve.py: `dinoserve serve` of a bundle, waited until ready
 
@@ -55,7 +58,8 @@ def quality(args: argparse.Namespace) -> None:
               f"trained ({args.checkpoint.name})": build_model(spec, weights)}
     evaluation = range(args.images)
     selection = range(args.images, args.images + args.select_images)
-    print(f"{spec.arch}/{spec.patch_size}, held-out synthetic seed {args.seed}, images "
+    print(f"{spec.arch}/{spec.patch_size}, held-out synthetic seed {args.seed}, backgrounds "
+          f"{'+'.join(args.backgrounds)}, classes {'+'.join(args.classes)}, images "
           f"{args.image_size[0]}x{args.image_size[1]}, size {args.size}, keep_mass {args.keep_mass}; "
           f"{len(evaluation)} evaluation images (indices 0-{evaluation[-1]}), head chosen on "
           f"{len(selection)} more; mean IoU")
@@ -64,14 +68,14 @@ def quality(args: argparse.Namespace) -> None:
     for name, vit in models.items():
         model = attention_model(vit)
         chosen = scores(model, selection, args.seed, args.image_size, args.size, args.keep_mass,
-                        spec.patch_size, f"{name}: selection")
+                        spec.patch_size, f"{name}: selection", backgrounds=args.backgrounds, classes=args.classes)
         best = int(chosen["heads"].mean(axis=0).argmax())
         got = scores(model, evaluation, args.seed, args.image_size, args.size, args.keep_mass,
-                     spec.patch_size, f"{name}: evaluation")
+                     spec.patch_size, f"{name}: evaluation", backgrounds=args.backgrounds, classes=args.classes)
         print(f"| {name} | {got['mean'].mean():.3f} | {got['union'].mean():.3f} | "
               f"{got['heads'][:, best].mean():.3f} (head {best}) | {got['heads'].max(axis=1).mean():.3f} | "
               f"{got['tokencut'].mean():.3f} |", flush=True)
-    truth = [make_sample(i, size=args.image_size, seed=args.seed).mask for i in evaluation]
+    truth = [make_sample(i, args.image_size, args.seed, args.backgrounds, args.classes).mask for i in evaluation]
     print(f"whole image as the mask: {np.mean([m.mean() for m in truth]):.3f}")
 
 
@@ -121,6 +125,14 @@ def main() -> None:
     parser.add_argument("--select-images", type=int, default=100, help="images to choose the best head on")
     parser.add_argument("--seed", type=int, default=1, help="synthetic data seed; the demo trains on seed 0")
     parser.add_argument("--image-size", type=parse_size, default=(160, 120), help="WxH of the synthetic images")
+    parser.add_argument("--backgrounds", type=lambda text: parse_backgrounds(text.split("+")),
+                        default=parse_backgrounds(["classic"]),
+                        help="background kinds or groups joined by + (test: none the demo model trained on; "
+                             "default: classic)")
+    parser.add_argument("--classes", type=lambda text: parse_classes(text.split("+")),
+                        default=parse_classes(["seen"]),
+                        help="shapes or groups joined by + (seen: the trained ones, unseen: the two kept out; "
+                             "default: seen)")
     parser.add_argument("--size", type=int, default=480,
                         help="shorter side of the model input (the endpoint's default)")
     parser.add_argument("--keep-mass", type=float, default=0.6, help="DINO's threshold (0.6 in the paper)")

@@ -5,11 +5,17 @@ each client concurrency (1, 4, 16, 64), clients post one image per request as mu
 serve`` (gateway + embedded Triton, the bundle's ONNX in onnxruntime behind Triton's dynamic batcher) for
 ``--seconds``; the table shows throughput, p50/p95/p99 latency and the ratio of the throughput to the
 baseline. The baseline runs in this process: the gateway's own decode + preprocess functions
-(``service.images``, the same reduced-scale JPEG decode) and the bundle's ONNX in onnxruntime with all cores,
-one image after the other — what an application embedding images itself would do. Its median latency is the
-floor for the concurrency-1 rows ("overhead" = gateway median − baseline median).
+(``service.images``, the same exact intake as the gateway's default: full decode, the official transform) and
+the bundle's ONNX in onnxruntime with all cores, one image after the other — what an application embedding
+images itself would do. Its median latency is the floor for the concurrency-1 rows ("overhead" = gateway
+median − baseline median). A third side, the model alone (onnxruntime on ready tensors, batch 8, no intake),
+shows what intake costs: the table gives the gateway's throughput against it too. Both in-process sessions
+have the embedded Triton's onnxruntime options (``service.triton_model.session_options``: all cores, intra-op
+threads not spinning between runs), so that the ratios compare the serving stack, not two thread settings: on a
+shared VM, spinning threads of an idle session took the core from the next image's intake and, with another
+process on the other core, the baseline slowed to half (2026-12-04 run in docs/benchmarks.md).
 
-The two sides are measured in alternating windows of ``--window`` seconds (baseline, gateway, baseline, ...)
+The three sides are measured in alternating windows of ``--window`` seconds (baseline, model, gateway, ...)
 until each has had ``--seconds``: the speed of a shared VM drifts by tens of percent over minutes, and a
 baseline measured once at the start made ratios minutes apart say more about the drift than the gateway.
 Every row's ratio and overhead are against the baseline windows interleaved with its own.
@@ -55,6 +61,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.embedded_triton import free_port
 from service.images import decode_for_embedding, embedding_input
 from service.model_card import ModelCard, latest_model_file
+from service.triton_model import session_options
 from service.settings import Settings
 from training.data import make_sample
 
@@ -74,7 +81,8 @@ def percentile(values: list[float], q: float) -> float:
 def in_process(model_dir: Path, card: ModelCard, image: bytes):
     """The baseline's unit of work, warmed up: decode + preprocess + ONNX of one image, in this process;
     each call returns the milliseconds of its two parts (intake, onnxruntime)."""
-    session = ort.InferenceSession(str(latest_model_file(model_dir)), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(latest_model_file(model_dir)), session_options(0),
+                                   providers=["CPUExecutionProvider"])
     name = card.output_name("embedding")
 
     def once() -> tuple[float, float]:
@@ -87,6 +95,31 @@ def in_process(model_dir: Path, card: ModelCard, image: bytes):
     for _ in range(3):
         once()
     return once
+
+
+def model_alone(model_dir: Path, card: ModelCard, batch: int = 8):
+    """The model's share, warmed up: onnxruntime on a ready ``[batch, 3, crop, crop]`` tensor (the intake of
+    one real JPEG repeated), all cores; each call returns the images it embedded."""
+    session = ort.InferenceSession(str(latest_model_file(model_dir)), session_options(0),
+                                   providers=["CPUExecutionProvider"])
+    name = card.output_name("embedding")
+    pixels = np.stack([embedding_input(decode_for_embedding(jpeg(1.0), card.preprocess, 10 ** 9),
+                                       card.preprocess)] * batch)
+
+    def once() -> int:
+        session.run([name], {card.input_name: pixels})
+        return batch
+
+    once()
+    return once
+
+
+def model_rate(once, seconds: float) -> float:
+    """Images/s of ``model_alone``'s ``once`` for ``seconds``."""
+    images, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or not images:
+        images += once()
+    return images / (time.perf_counter() - started)
 
 
 def baseline(once, seconds: float) -> tuple[float, list[float], list[tuple[float, float]]]:
@@ -220,10 +253,15 @@ class Row:
     local_rate: float  # in-process images/s over the interleaved baseline windows
     local_latencies: list[float]
     local_parts: list[tuple[float, float]]  # in-process (intake, onnxruntime) ms per image
+    model_rate: float  # onnxruntime alone on ready tensors, batch 8, images/s over the interleaved windows
 
     @property
     def ratio(self) -> float:
         return self.rate / self.local_rate
+
+    @property
+    def model_ratio(self) -> float:
+        return self.rate / self.model_rate
 
 
 TRITON_STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
@@ -288,6 +326,7 @@ def start_server(model_dir: Path, log_path: Path, env: dict[str, str] | None = N
 
 
 def main() -> None:
+    gateway = Settings.model_fields  # the gateway's settings and their defaults
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("demo/model_repository/dinoserve-demo"),
                         help="bundle directory (<repository>/<name>) to serve and to run in-process")
@@ -300,9 +339,9 @@ def main() -> None:
     parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
                         help="the clients' HTTP code: a lean keep-alive connection sending a request encoded "
                              "once (default), or httpx as a typical Python application")
-    parser.add_argument("--max-batch-size", type=int, nargs="+", default=[Settings.embedded_max_batch_size],
+    parser.add_argument("--max-batch-size", type=int, nargs="+", default=[gateway["embedded_max_batch_size"].default],
                         help="embedded Triton's max batch size(s) (default: the gateway's)")
-    parser.add_argument("--queue-delay-us", type=int, nargs="+", default=[Settings.embedded_queue_delay_us],
+    parser.add_argument("--queue-delay-us", type=int, nargs="+", default=[gateway["embedded_queue_delay_us"].default],
                         help="embedded Triton's dynamic-batcher queue delay(s) in microseconds "
                              "(default: the gateway's)")
     args = parser.parse_args()
@@ -316,6 +355,7 @@ def main() -> None:
           f"{args.client} clients")
     images = {mp: jpeg(mp) for mp in args.megapixels}
     runners = {mp: in_process(model_dir, card, images[mp]) for mp in args.megapixels}
+    model_once = model_alone(model_dir, card)
     windows = max(1, math.ceil(args.seconds / args.window))
 
     rows = []
@@ -329,12 +369,14 @@ def main() -> None:
             for mp in args.megapixels:
                 for concurrency in args.concurrency:
                     local_rates, local_latencies, local_parts, rates, latencies, failed = [], [], [], [], [], 0
+                    model_rates = []
                     before = counters(url, metrics_url, card.name)
                     for _ in range(windows):
                         rate, window_latencies, window_parts = baseline(runners[mp], args.window)
                         local_rates.append(rate)
                         local_latencies += window_latencies
                         local_parts += window_parts
+                        model_rates.append(model_rate(model_once, args.window))
                         rate, window_latencies, window_failed = asyncio.run(
                             drive(url, images[mp], concurrency, args.window, args.client))
                         rates.append(rate)
@@ -345,23 +387,26 @@ def main() -> None:
                                   / max(after["triton_exec_count"] - before["triton_exec_count"], 1))
                     row = Row(mp, f"{max_batch} / {delay}", concurrency, statistics.mean(rates), latencies, failed,
                               mean_batch, breakdown(before, after), statistics.mean(local_rates), local_latencies,
-                              local_parts)
+                              local_parts, statistics.mean(model_rates))
                     rows.append(row)
                     print(f"  {mp} MP, batch {max_batch}, delay {delay} us, x{concurrency}: {row.rate:.1f} img/s "
-                          f"({row.ratio:.2f}x), mean batch {mean_batch:.1f}", file=sys.stderr, flush=True)
+                          f"({row.ratio:.2f}x; {row.model_ratio:.2f}x of the model alone), "
+                          f"mean batch {mean_batch:.1f}", file=sys.stderr, flush=True)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
 
     print("\n| JPEG | max batch / queue delay µs | concurrency | images/s | p50 ms | p95 ms | p99 ms "
-          "| in-process images/s | in-process p50 ms | vs baseline | mean batch | failed |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| in-process images/s | in-process p50 ms | vs baseline | model alone images/s | vs model alone "
+          "| mean batch | failed |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         w, h = MEGAPIXEL_SIZES[row.megapixels]
         print(f"| {row.megapixels:g} MP ({w}x{h}, {len(images[row.megapixels]) / 1e3:.0f} kB) | {row.batcher} | "
               f"{row.concurrency} | {row.rate:.1f} | {percentile(row.latencies, 50):.1f} | "
               f"{percentile(row.latencies, 95):.1f} | {percentile(row.latencies, 99):.1f} | {row.local_rate:.1f} | "
-              f"{percentile(row.local_latencies, 50):.1f} | {row.ratio:.2f}x | {row.mean_batch:.1f} | {row.failed} |")
+              f"{percentile(row.local_latencies, 50):.1f} | {row.ratio:.2f}x | {row.model_rate:.1f} | "
+              f"{row.model_ratio:.2f}x | {row.mean_batch:.1f} | {row.failed} |")
     print("\nconcurrency-1 latency overhead (gateway p50 - in-process p50 of the interleaved windows):")
     for row in rows:
         if row.concurrency == 1:
@@ -376,7 +421,8 @@ def main() -> None:
         saturated = [max((r for r in rows if r.megapixels == mp and r.batcher == batcher), key=lambda r: r.rate)
                      for mp in args.megapixels]
         print(f"saturation (best concurrency) vs baseline, batcher {batcher}: " + ", ".join(
-            f"{row.megapixels:g} MP {row.ratio:.2f}x at {row.concurrency}" for row in saturated))
+            f"{row.megapixels:g} MP {row.ratio:.2f}x at {row.concurrency} ({row.model_ratio:.2f}x of the model "
+            f"alone)" for row in saturated))
 
 
 if __name__ == "__main__":

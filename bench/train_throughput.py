@@ -21,7 +21,7 @@ import time
 import torch
 
 from training.config import TrainConfig
-from training.trainer import Trainer, _param_groups
+from training.trainer import Trainer, param_groups
 
 
 def _crops(cfg: TrainConfig, device: torch.device, channels_last: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -44,7 +44,7 @@ def measure(cfg: TrainConfig, variant: dict, warmup: int, repeats: int) -> float
                                      "tensorboard": False})
         trainer = Trainer(cfg, progress=False)
         device = trainer.device
-        trainer.optimizer = torch.optim.AdamW(_param_groups(trainer.student),
+        trainer.optimizer = torch.optim.AdamW(param_groups(trainer.student),
                                               fused=variant.get("fused", False) and device.type == "cuda")
         if variant.get("channels_last"):
             trainer.student.to(memory_format=torch.channels_last)
@@ -58,7 +58,7 @@ def measure(cfg: TrainConfig, variant: dict, warmup: int, repeats: int) -> float
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            trainer._step(crops, masks, epoch=1, it=i % trainer.iters)
+            trainer.step(crops, masks, epoch=1, it=i % trainer.iters)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:

@@ -1,7 +1,9 @@
 """``dinoserve``: one command line for training, export, evaluation and serving.
 
 ``train``, ``export`` and ``eval-knn`` need the ``train`` extra (torch); they are imported only when
-used, so the gateway image without torch still runs ``dinoserve serve``.
+used, so the gateway image without torch still runs ``dinoserve serve``. A command-line or configuration
+error is one line on stderr, naming the option or setting, and exit status 2; a command that fails while it
+runs exits with status 1.
 """
 
 from __future__ import annotations
@@ -16,13 +18,27 @@ from pathlib import Path
 from service.index_cli import add_index_parser, run_index
 from training.config import METHODS, PRESETS, TrainConfig, read_options
 
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors in one line (no usage block above them), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def config_error(command: str, message: object) -> SystemExit:
+    """A configuration error of ``dinoserve COMMAND``: printed as one line; raise what this returns."""
+    print(f"dinoserve {command}: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 TRAIN_HELP = {
     "method": "self-supervised objective: dino, ibot, or the methods DINO grew out of (mocov3, simclr, byol, "
               "simsiam, swav: two global views each, SwAV also the local crops)",
     "arch": "ViT size: vit_nano / vit_micro (CPU and tests), vit_tiny, vit_small, vit_base, vit_large",
     "patch_size": "patch side in pixels; 8 gives finer attention maps at 4x the cost of 16",
     "img_size": "size whose patch grid the position embeddings are stored at; others are interpolated",
-    "data": "image folder (class sub-folders give labels) or synthetic:N[:SIZE[:SEED]]",
+    "data": "image folder (class sub-folders give labels) or synthetic:N[:SIZE[:SEED[:BACKGROUNDS[:CLASSES]]]]",
     "output": "run directory: checkpoint.pth (resumable), teacher_backbone.pth (backbone.pth for the methods "
               "other than dino/ibot), log.jsonl, config.json",
     "lr": "peak learning rate for a batch of 256, scaled linearly with the batch size",
@@ -39,6 +55,8 @@ TRAIN_HELP = {
     "num_workers": "data-loading processes; augmentation is CPU-heavy",
     "patch_out_dim": "iBOT: prototypes for the patch tokens",
     "shared_head": "iBOT: CLS and patch tokens share their prototypes (the official ViT-S/B recipes do)",
+    "shared_head_teacher": "iBOT: the teacher's CLS and patch tokens share their prototypes (main_ibot.py's "
+                           "default; needs patch_out_dim = out_dim)",
     "pred_ratio": "iBOT: masking ratios, one drawn per global crop; '0 0.3' masks half of the crops",
     "pred_ratio_var": "iBOT: +/- range around each masking ratio",
     "pred_start_epoch": "iBOT: epoch from which crops are masked and the patch loss warms up",
@@ -58,7 +76,7 @@ TRAIN_HELP = {
     "sinkhorn_iterations": "swav: Sinkhorn-Knopp iterations per step (3 suffice for equipartition)",
     "freeze_prototypes_iters": "swav: steps during which the prototypes do not move; stabilises the start",
     "device": "auto (CUDA when available), cpu, cuda, cuda:N",
-    "precision": "auto: bf16 autocast on GPUs (fp16 with a grad scaler where bf16 is missing), fp32 on CPU",
+    "precision": "auto: fp16 autocast with a grad scaler on GPUs (the official recipes), fp32 on CPU; bf16 on request",
     "saveckp_freq": "also keep checkpoint<epochs done>.pth every N epochs (0: only checkpoint.pth)",
     "resume": "checkpoint.pth to continue from (default: the output directory's, when it exists)",
     "tensorboard": "write TensorBoard events to RUN_DIR/tensorboard (needs the tensorboard package)",
@@ -112,7 +130,7 @@ def _add_export(sub) -> None:
                    help="attention heads, for widths other than 192/384/768/1024 (3/6/12/16 heads)")
     p.add_argument("--pos-interpolation", choices=["official", "timm"],
                    help="position-embedding resize at other sizes: the official DINO/iBOT code's or timm's "
-                        "(default: official for DINO/iBOT files, timm for timm files and ours)")
+                        "(default: official for DINO/iBOT files and ours, timm for timm files; docs/bundle.md)")
     p.add_argument("--method", choices=["dino", "ibot"],
                    help="training method recorded in the model card (default: read from the file)")
     p.add_argument("--cache-dir", type=Path,
@@ -166,30 +184,33 @@ def _add_eval_knn(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="start the HTTP gateway (and an embedded Triton)",
-                       description="Serve a model bundle over HTTP. Every option also reads DINOSERVE_<OPTION>.")
-    p.add_argument("--repository", type=Path, help="model repository holding the bundle (default: model_repository)")
+                       description="Serve a model bundle over HTTP. Every option is a field of the gateway's "
+                                   "settings (service/settings.py, which checks its value) and also reads "
+                                   "DINOSERVE_<OPTION>; the command line wins.")
+    p.add_argument("--repository", help="model repository holding the bundle (default: model_repository)")
     p.add_argument("--model", help="model name in the repository (default: dinoserve-demo)")
     p.add_argument("--host", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port (default: 8080)")
-    p.add_argument("--data-dir", type=Path, help="directory for persistent data (default: data)")
-    p.add_argument("--triton-url", help="host:port of an external Triton's HTTP endpoint; embedded if unset")
+    p.add_argument("--port", help="HTTP port (default: 8080)")
+    p.add_argument("--data-dir", help="directory for persistent data (default: data)")
+    p.add_argument("--triton-url", help="HOST:PORT of an external Triton's HTTP endpoint; embedded if unset")
     p.add_argument("--vector-store", help="collections: 'embedded' (SQLite + FAISS in the data dir), "
-                                          "'qdrant://HOST:PORT' or 'qdrant-local' (default: embedded)")
-    p.add_argument("--log-level", help="debug, info, warning, error (default: info)")
-    p.add_argument("--log-format", choices=["json", "text"],
+                                          "'qdrant://HOST[:PORT]', 'qdrants://HOST[:PORT]' (TLS) or 'qdrant-local' "
+                                          "(default: embedded)")
+    p.add_argument("--log-level", help="debug, info, warning, error, critical (default: info)")
+    p.add_argument("--log-format",
                    help="json: one JSON object a line with the request id; text: for reading (default: json)")
-    p.add_argument("--max-inflight", type=int,
+    p.add_argument("--max-inflight",
                    help="requests that may run the model at once; the next ones get 429 with Retry-After at once, "
                         "never a queue (default: 64)")
-    p.add_argument("--inference-timeout-s", type=float,
+    p.add_argument("--inference-timeout-s",
                    help="deadline of one request's inference on Triton in seconds; 504 past it (default: 30)")
     p.add_argument("--demo-collection", help="collection of the demo page at /, filled with labelled samples when "
                                              "absent; '' disables it (default: demo)")
-    p.add_argument("--api-keys-file", type=Path,
+    p.add_argument("--api-keys-file",
                    help="API keys, one entry per line: KEY (read and write), KEY:read or KEY:write; '#' comments. "
                         "DINOSERVE_API_KEYS takes comma-separated entries (not an option: the command line is "
                         "visible to every user of the machine)")
-    p.add_argument("--auth", choices=["auto", "on", "off"],
+    p.add_argument("--auth",
                    help="auto: keys required when configured; without keys, serve on a loopback address only. "
                         "on: keys always required. off: no keys, even on a public address (default: auto)")
 
@@ -260,9 +281,9 @@ def _train(args) -> int:
     try:
         cfg = TrainConfig.build(args.preset, read_options(args.config) if args.config else None, overrides)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"dinoserve train: {error}") from None
+        raise config_error("train", error) from None
     if not cfg.data:
-        raise SystemExit("dinoserve train: --data is required (a folder or synthetic:N)")
+        raise config_error("train", "--data is required (a folder or synthetic:N)")
     try:
         out = train(cfg, progress=not args.quiet)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
@@ -291,13 +312,18 @@ def _plot(args) -> int:
 
 
 def _export(args) -> int:
-    from training.export import export_bundle
+    from training.export import ExportOptions, Serving, export_bundle
 
     try:
-        model_dir = export_bundle(args.checkpoint, args.repository, args.name, args.checkpoint_key,
-                                  args.max_batch_size, args.queue_delay_us, args.verify, not args.quiet,
-                                  args.format, args.num_heads, args.pos_interpolation, args.method, args.cache_dir,
-                                  args.precision, args.version, args.max_queue_size, args.instances)
+        options = ExportOptions(
+            checkpoint_key=args.checkpoint_key, format=args.format, precision=args.precision, version=args.version,
+            num_heads=args.num_heads, pos_interpolation=args.pos_interpolation, method=args.method,
+            cache_dir=args.cache_dir, verify=args.verify, progress=not args.quiet,
+            serving=Serving(args.max_batch_size, args.queue_delay_us, args.max_queue_size, args.instances))
+    except ValueError as error:
+        raise config_error("export", error) from None
+    try:
+        model_dir = export_bundle(args.checkpoint, args.repository, args.name, options)
     except (ValueError, RuntimeError, OSError) as error:
         raise SystemExit(f"dinoserve export: {error}") from None
     print(f"wrote {model_dir}")
@@ -318,20 +344,20 @@ def _eval_knn(args) -> int:
 
 
 def _serve(args) -> int:
-    from service.auth import AuthConfigError
-    from service.server import serve
-    from service.settings import Settings
+    from service.settings import Settings, SettingsError
 
-    names = ("repository", "model", "host", "port", "data_dir", "triton_url", "vector_store", "log_level",
-             "log_format", "max_inflight", "inference_timeout_s", "demo_collection", "api_keys_file", "auth")
     try:
-        return serve(Settings.load({n: getattr(args, n) for n in names}))
-    except AuthConfigError as error:
-        raise SystemExit(f"dinoserve serve: {error}") from None
+        # Every serve option is the Settings field of its name.
+        settings = Settings.load({name: getattr(args, name) for name in Settings.model_fields if name in args})
+        from service.server import serve  # the web stack, once the settings are known to be good
+
+        return serve(settings)
+    except SettingsError as error:
+        raise config_error("serve", error) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dinoserve", description=__doc__.splitlines()[0])
+    parser = Parser(prog="dinoserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_export(sub)

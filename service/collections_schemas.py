@@ -1,4 +1,4 @@
-"""Request and response bodies of ``/v1/collections/...`` and ``/v1/classify`` (DESIGN.md, contract 2)."""
+"""Request and response bodies of ``/v1/collections/...`` and ``/v1/classify`` (the contract: docs/api.md)."""
 
 from __future__ import annotations
 

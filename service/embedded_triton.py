@@ -5,8 +5,7 @@ The wheel ships only Triton's Python backend, so the model is ``service/triton_m
 model that runs the ONNX file in onnxruntime inside the backend's stub process. Clients see the same KServe v2
 model (name, tensors, batching) as an NGC Triton reading the bundle's ``config.pbtxt``. Earlier versions bound
 the model through PyTriton, whose stub forwards every batch over ZeroMQ to the gateway's process, where
-onnxruntime competed with the decode threads (ViT-S/16 at one client: +27.6 ms over in-process then, +8.8 ms
-now; docs/benchmarks.md).
+onnxruntime competed with the decode threads (the cost of each: docs/benchmarks.md, "Serving").
 """
 
 from __future__ import annotations

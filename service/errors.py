@@ -1,4 +1,4 @@
-"""Typed API errors rendered as ``{"error": {"code", "message"}}`` (DESIGN.md, contract 2)."""
+"""Typed API errors rendered as ``{"error": {"code", "message"}}`` (docs/api.md, "Errors")."""
 
 from __future__ import annotations
 

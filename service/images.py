@@ -2,18 +2,22 @@
 
 The transform reproduces torchvision's ``Resize(resize, BICUBIC) → CenterCrop(crop) → ToTensor →
 Normalize(mean, std)`` on PIL images (the DINO evaluation transform, ``eval_knn.py``) bit for bit, with
-NumPy and Pillow only, so the gateway needs no torch.
+NumPy and Pillow only, so the gateway needs no torch. By default every image takes that exact path (issue 19):
+the served embedding is the official pipeline's for every size and format. The one difference from the
+official loader is on purpose: EXIF orientation is applied (the official ``ImageFolder`` loader ignores it,
+so a phone photo taken upright reaches the model lying on its side there).
 
 What is accepted (issue 7): JPEG (and MPO, the multi-picture JPEG of phone cameras), PNG, WebP, BMP, GIF and
 TIFF, recognised by their content, never by a file name or a declared content type; the first frame of an
 animation or the first page of a TIFF. Every pixel mode becomes 8-bit RGB (``to_rgb``): transparency is
 composited over white, 16-bit greys are rescaled (not clipped), float greys are read as 0 to 1.
 
-The embedding path (``decode_for_embedding`` + ``embedding_input``) decodes a JPEG at a reduced scale when the
-model input is much smaller (libjpeg's DCT scaling, Pillow ``draft``): the shorter side stays at least
-``draft_margin`` times the card's resize, and one resize of the region that survives the centre crop
-follows. With margin 1 the tensor differs from the full decode by a mean absolute ~0.01 in normalised units
-(``tests/test_intake.py`` bounds it at 0.02) for a 3-4x shorter decode; other formats take the exact path.
+Lossy speed only when asked: with ``draft_margin`` > 0 (the gateway's ``jpeg_draft_margin``, 0 by default) a
+JPEG is decoded at a reduced scale when the model input is much smaller (libjpeg's DCT scaling, Pillow
+``draft``): the shorter side stays at least ``draft_margin`` times the card's resize, and one resize of the
+region that survives the centre crop follows. Those pixels are not the official pipeline's: how far the
+tensor and the embeddings move, and how much intake work it saves, is measured in ``docs/benchmarks.md``
+("Intake").
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ _JPEG_FORMATS = ("JPEG", "MPO")
 ALPHA_BACKGROUND = (255, 255, 255)
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-# Resizing a whole picture costs its resized area: past this many crops' worth, only the crop's region is
-# resized (a legal 20000x1 strip would otherwise become 5 120 000 x 256 pixels before the crop).
+# Resizing a whole picture costs its resized area: past this many crops' worth (an aspect ratio past ~12:1),
+# only the crop's region is resized, approximately (a legal 20000x1 strip would otherwise become
+# 5 120 000 x 256 pixels before the crop).
 _MAX_RESIZED_AREA = 16
 
 
@@ -144,7 +149,8 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int | None = None) -> 
 
 @dataclass(frozen=True)
 class Decoded:
-    """An RGB picture decoded for the embedding transform, maybe at a reduced scale.
+    """An RGB picture decoded for the embedding transform: at full resolution unless a reduced-scale JPEG
+    decode was asked for.
 
     ``full_size`` is its (width, height) at full resolution after EXIF orientation; ``scale`` how many
     full-resolution pixels one decoded pixel spans (1, 2, 4 or 8; libjpeg rounds the decoded size up).
@@ -156,9 +162,10 @@ class Decoded:
 
 
 def decode_for_embedding(data: bytes, spec: Preprocess, max_pixels: int, max_bytes: int | None = None,
-                         draft_margin: int = 1) -> Decoded:
-    """Decode for ``embedding_input``: a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is
-    still at least ``draft_margin`` x ``spec.resize``, any other image (or ``draft_margin`` 0) at full size.
+                         draft_margin: int = 0) -> Decoded:
+    """Decode for ``embedding_input``: at full size (``draft_margin`` 0, the default: the official pipeline's
+    pixels), or, when asked, a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still at
+    least ``draft_margin`` x ``spec.resize``; other formats are always decoded at full size.
 
     Errors as ``decode_image``; the pixel limit applies to the full size in the header.
     """
@@ -176,10 +183,11 @@ def decode_for_embedding(data: bytes, spec: Preprocess, max_pixels: int, max_byt
 
 
 def embedding_input(decoded: Decoded, spec: Preprocess) -> np.ndarray:
-    """float32 ``[3, crop, crop]``: ``preprocess`` exactly for a full-scale picture; for a reduced one, or one
-    whose resized whole would be huge, one resize of just the region that DINO's Resize → CenterCrop of the
-    full picture keeps (same sampling positions; it may differ from ``preprocess`` by one level in rare
-    pixels where Pillow's fixed-point filter weights round the other way)."""
+    """float32 ``[3, crop, crop]``: ``preprocess``, the official transform bit for bit, for a full-scale
+    picture. Approximate in two cases: a reduced-scale decode (asked for with ``draft_margin``), and a picture
+    whose resized whole would be huge (an aspect ratio past ~12:1), where one resize of just the region that
+    DINO's Resize → CenterCrop of the full picture keeps is made (same sampling positions; Pillow takes the
+    box as 32-bit floats, so its filter weights differ in the last bits and rare pixels by one level)."""
     width, height = decoded.full_size
     resized = resized_size(width, height, spec.resize)
     if decoded.scale == 1 and resized[0] * resized[1] <= _MAX_RESIZED_AREA * spec.crop ** 2:
@@ -207,11 +215,20 @@ def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, 
 
 
 def preprocess(img: Image.Image, spec: Preprocess) -> np.ndarray:
-    """RGB picture → float32 ``[3, crop, crop]`` normalised array, as DINO's evaluation transform."""
+    """RGB picture → float32 ``[3, crop, crop]`` normalised array, bit-identical to DINO's evaluation transform
+    (torchvision ``Resize`` → ``CenterCrop`` → ``ToTensor`` → ``Normalize``; ``tests/test_images.py``).
+
+    The whole picture is resized, as torchvision does, then cropped. Resizing only the crop's region (Pillow's
+    ``box``) is not the same: Pillow takes the box as 32-bit floats, so the filter's scale and centres, and
+    with them its fixed-point weights, differ from the whole resize's in the last bits, and some pixels by
+    one level. Giving each of Pillow's two passes only the rows or columns the crop needs would keep the
+    weights, but which pass runs first is Pillow's own choice per geometry (Pillow 13 resizes many tall
+    pictures vertically first), and it saves little (docs/benchmarks.md, "Intake").
+    """
     resample = _RESAMPLE[spec.interpolation]
     img = img.resize(resized_size(*img.size, spec.resize), resample)
-    img = img.crop(center_crop_box(*img.size, spec.crop))
-    return normalize(np.asarray(img), spec)
+    left, top, right, bottom = center_crop_box(*img.size, spec.crop)
+    return normalize(np.asarray(img)[top:bottom, left:right], spec)
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,8 +242,8 @@ def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
 def normalize(rgb: np.ndarray, spec: Preprocess) -> np.ndarray:
     """uint8 ``[H, W, 3]`` → float32 ``[3, H, W]``, bit-identical to torchvision's ``ToTensor`` + ``Normalize``:
     a 256-entry table per channel holds that arithmetic for each level, so a pixel costs one lookup, written
-    straight into its plane of the output (0.28 ms on a 224² crop, against 0.65 ms for the whole-array
-    arithmetic and 0.50 ms for per-channel fancy indexing + stack)."""
+    straight into its plane of the output (faster than the whole-array arithmetic or per-channel fancy
+    indexing + stack: docs/benchmarks.md, "Serving")."""
     table = _normalize_table(tuple(spec.mean), tuple(spec.std))
     height, width = rgb.shape[:2]
     out = np.empty((3, height, width), dtype=np.float32)

@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 
 STAGES = ("decode", "preprocess", "inference", "postprocess", "store")
-# Seconds: a tiny model on CPU answers in ~5 ms, a ViT-B batch of 64 on CPU takes tens of seconds.
+# Seconds: from a tiny model's milliseconds to the tens of seconds of a ViT-B batch of 64 on a CPU.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

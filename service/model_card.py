@@ -1,8 +1,8 @@
 """The model card ``dinoserve.json``: the one place both sides read shared constants from.
 
-Written by ``dinoserve export`` next to the ONNX file (DESIGN.md, contract 1), read by the gateway for
-preprocessing, output names and what ``GET /v1/models`` shows. Plain JSON so the torch-free gateway can
-read it.
+Written by ``dinoserve export`` next to the ONNX file (the bundle's contract: docs/bundle.md), read by the
+gateway for preprocessing, output names and what ``GET /v1/models`` shows. Plain JSON so the torch-free
+gateway can read it.
 """
 
 from __future__ import annotations

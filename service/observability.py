@@ -13,6 +13,7 @@ import time
 import uuid
 from contextvars import ContextVar
 from datetime import datetime, timezone
+from typing import Literal
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +21,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ApiError
 from .metrics import GatewayMetrics
 
-LOG_FORMATS = ("json", "text")
 REQUEST_ID_HEADER = "X-Request-ID"
 # Visible ASCII only: the id is copied into a response header and into logs, where control characters,
 # spaces or non-ASCII text could forge lines or break parsers.
@@ -68,11 +68,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(log_format: str, level: str) -> None:
+def configure_logging(log_format: Literal["json", "text"], level: str) -> None:
     """Route every logger (ours, the embedded Triton's lines, uvicorn's) through one stderr handler in
-    ``log_format``."""
-    if log_format not in LOG_FORMATS:
-        raise ValueError(f"log_format is {log_format!r}; use json or text")
+    ``log_format`` (the setting, checked by :class:`service.settings.Settings`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(

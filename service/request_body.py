@@ -1,5 +1,5 @@
 """Request bodies of the image endpoints: JSON (base64 images) or multipart (file parts), with the
-size limits and error statuses of DESIGN.md applied the same way everywhere."""
+size limits and error statuses of docs/api.md applied the same way everywhere."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (DESIGN.md, contract 2)."""
+"""Request and response bodies of the HTTP API (the contract: docs/api.md)."""
 
 from __future__ import annotations
 

@@ -11,18 +11,22 @@ from .auth import Scope, gateway_keys
 from .embedded_triton import EmbeddedTriton
 from .model_card import ModelCard
 from .observability import configure_logging
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .triton_backend import TritonBackend
 
 log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> int:
-    """Run the gateway until it is stopped; ``AuthConfigError`` before anything starts when the key
-    settings do not allow it (e.g. a non-loopback address without keys)."""
+    """Run the gateway until it is stopped. Before anything starts, :class:`SettingsError` (one line) when
+    the settings do not allow it: keys (``AuthConfigError``, e.g. a non-loopback address without keys) or a
+    repository and model that are not a bundle."""
     configure_logging(settings.log_format, settings.log_level)
     keys = gateway_keys(settings)
-    card = ModelCard.load(settings.model_dir)
+    try:
+        card = ModelCard.load(settings.model_dir)
+    except (OSError, ValueError, KeyError) as error:
+        raise SettingsError(f"settings repository and model: {error}") from None
     embedded = None
     url = settings.triton_url
     try:
@@ -35,7 +39,7 @@ def serve(settings: Settings) -> int:
             url = embedded.start()
         backend = TritonBackend(url, card, settings.inference_timeout_s,
                                 max_batch=embedded.max_batch_size if embedded else None,
-                                shared_memory=settings.triton_shared_memory,
+                                shared_memory=settings.triton_shared_memory == "auto",
                                 access_token=embedded.access_token if embedded else None)
         app = create_app(settings, card, backend, keys)
         base = f"http://{settings.host}:{settings.port}"
@@ -47,10 +51,10 @@ def serve(settings: Settings) -> int:
               f"  API docs         {base}/docs\n"
               f"  readiness        {base}/readyz\n"
               f"  auth             {auth}", flush=True)
-        # uvloop and httptools (dependencies of the serve extra): 7 ms less per request at concurrency 1 than asyncio
-        # and h11 (docs/benchmarks.md); log_config None: uvicorn's records go through our handler.
+        # uvloop and httptools (dependencies of the serve extra): less time per request than asyncio and h11
+        # (docs/benchmarks.md); log_config None: uvicorn's records go through our handler.
         server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop",
-                                               http="httptools", log_level=settings.log_level.lower(),
+                                               http="httptools", log_level=settings.log_level,
                                                access_log=False, log_config=None))
         server.run()
         return 0 if server.started else 1

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 
 READY_CHECK_TIMEOUT_S = 2.0  # below the readiness probes' own timeouts (3 s in deploy/k8s)
-SHARED_MEMORY_MODES = ("auto", "off")
 # Shared-memory regions are sized in powers of two from 1 MiB (one 224² image is 0.6 MB) and kept for reuse up to
 # this many bytes in all; past it, or with /dev/shm short of room, a tensor goes in the HTTP body instead.
 MIN_REGION_BYTES = 1 << 20
@@ -168,21 +167,18 @@ class TritonBackend:
     """Runs the bundle's model on Triton. Several images go as one request per ``max_batch`` (default: the
     card's ``max_batch_size``), all sent at once; only the outputs a caller names are transferred.
     ``timeout_s`` is the deadline of one request's inference, all its batches together (504 past it).
-    ``shared_memory`` "auto" sends input tensors through system shared memory when Triton accepts a region
+    ``shared_memory`` sends input tensors through system shared memory when Triton accepts a region
     (``access_token``: the value of the ``triton-access-token`` header that Triton asks of the shared-memory
-    API, as PyTriton starts it), "off" always in the HTTP body."""
+    API, as PyTriton starts it); without it they always go in the HTTP body."""
 
     def __init__(self, url: str, card: ModelCard, timeout_s: float = 30.0, max_batch: int | None = None,
-                 shared_memory: str = "auto", access_token: str | None = None):
-        if shared_memory not in SHARED_MEMORY_MODES:
-            raise ValueError(f"triton_shared_memory must be one of {', '.join(SHARED_MEMORY_MODES)}, "
-                             f"got {shared_memory!r}")
+                 shared_memory: bool = True, access_token: str | None = None):
         self.url = url
         self.card = card
         self.timeout_s = timeout_s
         self.max_batch = max_batch or int(card.raw.get("serving", {}).get("max_batch_size", 64))
         self.shared_memory = None
-        if shared_memory == "auto":
+        if shared_memory:
             self.shared_memory = SharedMemoryInputs({"triton-access-token": access_token} if access_token else None)
         self._client: aioclient.InferenceServerClient | None = None
 

@@ -18,8 +18,9 @@ TINY_TRAIN = [
     "--hidden-dim", "128", "--bottleneck-dim", "64", "--warmup-epochs", "1", "--num-workers", "0",
     "--warmup-teacher-temp-epochs", "1", "--quiet", "--saveckp-freq", "1",
 ]
-# The same with iBOT: masked patch tokens with their own (smaller) prototypes.
-TINY_IBOT = [*TINY_TRAIN, "--method", "ibot", "--patch-out-dim", "128"]
+# The same with iBOT: masked patch tokens with their own (smaller) prototypes, for student and teacher.
+TINY_IBOT = [*TINY_TRAIN, "--method", "ibot", "--patch-out-dim", "128", "--no-shared-head-teacher",
+             "--pred-ratio", "0", "0.3", "--pred-ratio-var", "0", "0.2"]
 
 
 def run_cli(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms as T
 
 
 class Attention(nn.Module):
@@ -161,3 +163,24 @@ def official_args(**overrides) -> argparse.Namespace:
                 local_crops_number=8, data_path="/path/to/imagenet/train", output_dir=".", seed=0, gpu=0,
                 dist_url="env://", rank=0, world_size=16)
     return argparse.Namespace(**{**args, **overrides})
+
+
+def knn_top1(vit: torch.nn.Module, train_set, val_set, size: int, k: int = 20, temperature: float = 0.07) -> float:
+    """DINO's weighted k-NN top-1 in percent (``eval_knn.py``: each of the k most cosine-similar train
+    images votes exp(similarity / T) for its label), written here in NumPy on torchvision's evaluation
+    transform at ``size`` (resize by 256 : 224, centre crop): the reference the bench's table must match."""
+    transform = T.Compose([T.Resize(round(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(size), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def features(dataset):
+        with torch.no_grad():
+            out = vit.eval()(torch.stack([transform(image) for image, _ in dataset])).numpy().astype(np.float64)
+        return out / np.linalg.norm(out, axis=1, keepdims=True), np.array([label for _, label in dataset])
+
+    (train, train_labels), (val, val_labels) = features(train_set), features(val_set)
+    similarity = val @ train.T
+    votes = np.zeros((len(val), train_labels.max() + 1))
+    for row, sims in enumerate(similarity):
+        nearest = np.argsort(-sims)[:k]
+        np.add.at(votes[row], train_labels[nearest], np.exp(sims[nearest] / temperature))
+    return 100 * float(np.mean(votes.argmax(1) == val_labels))

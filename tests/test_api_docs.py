@@ -40,3 +40,15 @@ def test_every_v1_route_is_in_the_endpoint_table(server):
         if path.startswith("/v1/"):
             stem = re.sub(r"\{item_id(:path)?\}", "{id}", path)
             assert stem.split("/items")[0] in documented, path
+
+
+def test_every_error_code_the_gateway_raises_is_in_the_errors_table():
+    errors = DOC.read_text().split("### Errors", 1)[1].split("\n## ", 1)[0]
+    raised = set()
+    for path in (DOC.parent.parent / "service").rglob("*.py"):
+        text = path.read_text()
+        raised |= set(re.findall(r'ApiError\(\d{3}, "([a-z_]+)"', text))  # ApiError(404, "item_not_found", ...)
+        raised |= set(re.findall(r'\bcode(?:: str)? ?= ?"([a-z_]+)"', text))  # bad_request(..., code="invalid_image")
+    assert {"item_not_found", "invalid_image", "invalid_request", "overloaded"} <= raised  # the patterns find them
+    missing = sorted(code for code in raised if f"`{code}`" not in errors)
+    assert not missing, f"error codes the gateway answers but docs/api.md does not list: {missing}"

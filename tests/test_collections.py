@@ -1,4 +1,4 @@
-"""Collections over HTTP (DESIGN.md, contract 2): the same behaviour on every vector store, checked
+"""Collections over HTTP (the contract: docs/api.md): the same behaviour on every vector store, checked
 against brute-force cosine search in NumPy. Each store runs in a real `dinoserve serve` process that
 embeds images through the session server's Triton."""
 

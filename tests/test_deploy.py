@@ -10,15 +10,16 @@ import copy
 import functools
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import fields
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from unittest import mock
 
 import jsonschema
 import kubernetes_validate
@@ -27,7 +28,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from service.settings import ENV_PREFIX, Settings
+from service.settings import ENV_PREFIX, Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -282,12 +283,18 @@ def test_qdrant_statefulset_keeps_its_storage_behind_a_headless_service():
     assert _pod_spec(qdrant)["securityContext"]["runAsNonRoot"] is True
 
 
+def _settings(env: dict[str, str]) -> Settings:
+    """The gateway's settings in a process whose environment is exactly ``env``."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings.load()
+
+
 def test_gateway_settings_point_at_triton_qdrant_and_the_mounted_repository():
     gateway = _one("Deployment", "dinoserve-gateway")
     container = _container(gateway)
     (env_from,) = container["envFrom"]
     data = _one("ConfigMap", env_from["configMapRef"]["name"])["data"]
-    settings = Settings.load(environ=data)
+    settings = _settings(data)
     triton = _one("Service", "dinoserve-triton")
     assert settings.triton_url == f"{triton['metadata']['name']}:{_service_port(triton, 'http')}"
     qdrant = _one("Service", "dinoserve-qdrant")
@@ -304,7 +311,7 @@ def test_gateway_reads_its_api_keys_from_the_mounted_secret():
     gateway = _one("Deployment", "dinoserve-gateway")
     container = _container(gateway)
     (env_from,) = container["envFrom"]
-    settings = Settings.load(environ=_one("ConfigMap", env_from["configMapRef"]["name"])["data"])
+    settings = _settings(_one("ConfigMap", env_from["configMapRef"]["name"])["data"])
     (volume,) = [v for v in _pod_spec(gateway)["volumes"] if v.get("secret", {}).get("secretName")]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     assert settings.api_keys_file.parent == Path(mount["mountPath"]) and mount["readOnly"] is True
@@ -330,13 +337,13 @@ def _settings_passed() -> dict[str, dict[str, str]]:
 
 
 def test_every_setting_passed_is_a_settings_field_with_a_valid_value():
-    known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+    known = {env_name(name) for name in Settings.model_fields}
     passed = _settings_passed()
     assert passed["Dockerfile"] and passed["ConfigMap dinoserve-settings"] and passed["compose gateway"]
     for where, env in passed.items():
         unknown = sorted(set(env) - known)
         assert not unknown, f"{where} sets {unknown}, which service.settings.Settings does not have"
-        Settings.load(environ=env)  # raises on a value the setting cannot take
+        _settings(env)  # raises on a value the setting cannot take
 
 
 # ---------------------------------------------------------------------------------------------- Dockerfile

@@ -1,7 +1,8 @@
-"""``dinoserve export`` writes a bundle per DESIGN.md contract 1 whose ONNX outputs equal the PyTorch
+"""``dinoserve export`` writes the bundle of docs/bundle.md whose ONNX outputs equal the PyTorch
 backbone: embedding = final-norm CLS, attention = last block's CLS→patch softmax attention, patch tokens."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -84,7 +85,8 @@ def test_bundle_files_follow_the_contract(bundle, trained_run):
     assert card["inputs"]["pixel_values"]["name"] == "pixel_values"
     assert card["source"]["sha256"] == sha256_file(trained_run / "checkpoint.pth")
     assert card["source"]["checkpoint_key"] == "teacher" and card["source"]["format"] == "dinoserve-checkpoint"
-    assert card["pos_embed"] == {"grid": [14, 14], "interpolation": "timm"}
+    # Trained with the official interpolation, served with it: one rule everywhere.
+    assert card["pos_embed"] == {"grid": [14, 14], "interpolation": "official"}
 
 
 def test_onnx_graph_has_dynamic_batch_height_and_width(session):
@@ -129,44 +131,46 @@ def test_triton_config_parses_as_triton_model_config_with_a_bounded_queue_and_wa
 
 def test_a_new_export_rolls_out_as_the_next_version_and_the_newest_is_served(trained_run, tmp_path):
     from service.model_card import latest_model_file, model_versions
-    from training.export import export_bundle
+    from training.export import ExportOptions, export_bundle
 
     repository = tmp_path / "repository"
-    export_bundle(trained_run / "checkpoint.pth", repository, "tiny", verify=False, progress=False)
+    quick = ExportOptions(verify=False, progress=False)
+    export_bundle(trained_run / "checkpoint.pth", repository, "tiny", quick)
     first = (repository / "tiny" / "1" / "model.onnx").read_bytes()
-    model_dir = export_bundle(trained_run / "checkpoint.pth", repository, "tiny", checkpoint_key="student",
-                              verify=False, progress=False)
+    model_dir = export_bundle(trained_run / "checkpoint.pth", repository, "tiny",
+                              ExportOptions(checkpoint_key="student", verify=False, progress=False))
     assert model_versions(model_dir) == [1, 2]
     assert (model_dir / "1" / "model.onnx").read_bytes() == first  # the old version is left in place
     assert latest_model_file(model_dir) == model_dir / "2" / "model.onnx"
     card = json.loads((model_dir / "dinoserve.json").read_text())
     assert card["version"] == 2 and card["source"]["checkpoint_key"] == "student"
 
-    export_bundle(trained_run / "checkpoint.pth", repository, "tiny", verify=False, progress=False, version=1)
+    export_bundle(trained_run / "checkpoint.pth", repository, "tiny", replace(quick, version=1))
     assert model_versions(model_dir) == [1, 2]  # an explicit version is overwritten, not added
 
 
 def test_another_architecture_is_refused_next_to_existing_versions(trained_run, tmp_path):
-    from training.export import export_bundle
+    from training.export import ExportOptions, export_bundle
     from training.weights import CheckpointError
 
     repository = tmp_path / "repository"
-    model_dir = export_bundle(trained_run / "checkpoint.pth", repository, "tiny", verify=False, progress=False)
+    quick = ExportOptions(verify=False, progress=False)
+    model_dir = export_bundle(trained_run / "checkpoint.pth", repository, "tiny", quick)
     other = tmp_path / "wider.pth"
     spec = BackboneSpec.from_arch("vit_micro", 16, 224)
     torch.save(build_backbone(spec).state_dict(), other)
     before = sorted(p.relative_to(repository) for p in repository.rglob("*"))
     with pytest.raises(CheckpointError, match="width 96, 2 heads; this checkpoint is patch 16, width 192, 3 heads"):
-        export_bundle(other, repository, "tiny", verify=False, progress=False)
+        export_bundle(other, repository, "tiny", quick)
     assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
     assert json.loads((model_dir / "dinoserve.json").read_text())["embed_dim"] == 96
 
 
 def test_fp16_variant_keeps_fp32_inputs_and_outputs_and_the_embedding_direction(trained_run, reference, tmp_path):
-    from training.export import export_bundle
+    from training.export import ExportOptions, export_bundle
 
     model_dir = export_bundle(trained_run / "checkpoint.pth", tmp_path / "repository", "tiny16",
-                              precision="fp16", progress=False)  # verify: cosine >= 0.999 at three sizes
+                              ExportOptions(precision="fp16", progress=False))  # verify: cosine >= 0.999 at 3 sizes
     onnx_path = model_dir / "1" / "model.onnx"
     assert json.loads((model_dir / "dinoserve.json").read_text())["precision"] == "fp16"
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

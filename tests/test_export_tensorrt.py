@@ -10,7 +10,7 @@ import pytest
 import torch
 from official_reference import make_official_vit
 
-from training.export import export_bundle, tensorrt_unavailable
+from training.export import ExportOptions, Serving, export_bundle, tensorrt_unavailable
 
 pytestmark = pytest.mark.skipif(tensorrt_unavailable() is not None,
                                 reason=f"TensorRT engine export: {tensorrt_unavailable()}")
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(tensorrt_unavailable() is not None,
 def test_tensorrt_bundle_of_an_official_checkpoint(tmp_path):
     checkpoint = tmp_path / "dino_release.pth"
     torch.save(make_official_vit(seed=0).state_dict(), checkpoint)
-    model_dir = export_bundle(checkpoint, tmp_path / "repository", "dino-trt", fmt="tensorrt", max_batch=8,
-                              progress=False)
+    model_dir = export_bundle(checkpoint, tmp_path / "repository", "dino-trt",
+                              ExportOptions(format="tensorrt", serving=Serving(max_batch_size=8), progress=False))
     assert (model_dir / "1" / "model.plan").stat().st_size > 0
     assert not (model_dir / "1" / "model.onnx").exists()
     config = (model_dir / "config.pbtxt").read_text()

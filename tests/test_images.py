@@ -31,7 +31,17 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("size", [(640, 480), (480, 640), (257, 1000), (300, 300), (200, 150)])
+# Landscape, portrait and square; shorter side above, at and below 256 (upscaled); odd sizes whose long side
+# truncates; sizes where the resize keeps one side (256 wide) or the crop keeps one (224); aspect ratios up to
+# the 12:1 past which the transform resizes the crop's region only.
+SIZES = [(640, 480), (480, 640), (257, 1000), (300, 300), (200, 150), (2048, 1536), (1536, 2048), (1224, 816),
+         (2047, 1029), (256, 400), (400, 256), (224, 224), (225, 3001), (3000, 250), (31, 17), (256, 256)]
+
+
+RANDOM_SIZES = [tuple(int(v) for v in pair) for pair in np.random.default_rng(5).integers(20, 2600, (16, 2))]
+
+
+@pytest.mark.parametrize("size", SIZES + RANDOM_SIZES)
 def test_preprocess_is_bit_identical_to_the_dino_eval_transform(size):
     img = random_image(*size)
     ours = preprocess(img, Preprocess())

@@ -1,6 +1,7 @@
-"""Hostile and unusual uploads (issue 7) and the fast JPEG path (issue 9): allowed formats by content, limits
-before decoding, every pixel mode to RGB, truncations as 400, request-size limits while the body streams,
-and the reduced-scale JPEG decode staying close to the full one."""
+"""Hostile and unusual uploads (issue 7) and the reduced-scale JPEG decode (issue 9, lossy and off by default
+since issue 19): allowed formats by content, limits before decoding, every pixel mode to RGB, truncations as
+400, request-size limits while the body streams, and the reduced-scale decode, when asked for, staying close
+to the full one. That the default intake equals the official pipeline is tests/test_intake_fidelity.py."""
 
 import asyncio
 import io
@@ -261,20 +262,26 @@ def test_images_are_bytes_only_the_api_takes_no_urls_to_fetch():
         EmbeddingsRequest.model_validate({"images": [{"data": "", "url": "http://example.com/a.jpg"}]})
 
 
-# --- the fast JPEG path --------------------------------------------------------------------------------------
+# --- the reduced-scale JPEG decode (lossy, only when asked) ---------------------------------------------------
 
 def photo_jpeg(size=(2048, 1536), index: int = 0, **exif_kwargs) -> bytes:
     return encode(make_sample(index, size).image, "JPEG", quality=90, **exif_kwargs)
 
 
+def mean_levels(tensor: np.ndarray, exact: np.ndarray) -> float:
+    """The largest per-channel mean absolute difference of two normalised ``[3, H, W]`` inputs, in 8-bit
+    levels of the picture (normalised units · std · 255). Below 1: on average within one level of the exact
+    input, the rounding step of the 8-bit pixels themselves."""
+    return float((np.abs(tensor - exact) * np.asarray(SPEC.std)[:, None, None] * 255).mean(axis=(1, 2)).max())
+
+
 @pytest.mark.parametrize("index", [0, 1, 2])
-def test_reduced_scale_jpeg_input_is_within_002_of_the_full_decode(index):
+def test_reduced_scale_jpeg_input_is_on_average_within_one_8_bit_level_of_the_full_decode(index):
     data = photo_jpeg(index=index)
-    fast = decode_for_embedding(data, SPEC, LIMIT)
+    fast = decode_for_embedding(data, SPEC, LIMIT, draft_margin=1)
     assert fast.scale == 4 and fast.image.size == (512, 384)  # shorter side 384 >= 256
     full = preprocess(decode_image(data, LIMIT), SPEC)
-    diff = np.abs(embedding_input(fast, SPEC) - full)
-    assert diff.mean() < 0.02  # measured ~0.007-0.012 (normalised units, ~0.5 of an 8-bit level x 1/std)
+    assert mean_levels(embedding_input(fast, SPEC), full) < 1.0
 
 
 def test_margin_two_decodes_larger_and_closer():
@@ -286,29 +293,29 @@ def test_margin_two_decodes_larger_and_closer():
     assert two_decoded.scale == 2 and two < one
 
 
-def test_margin_zero_and_small_jpegs_take_the_exact_path():
+def test_the_default_and_small_jpegs_take_the_exact_path():
     data = photo_jpeg()
-    off = decode_for_embedding(data, SPEC, LIMIT, draft_margin=0)
-    assert off.scale == 1
-    np.testing.assert_array_equal(embedding_input(off, SPEC), preprocess(decode_image(data, LIMIT), SPEC))
+    assert decode_for_embedding(data, SPEC, LIMIT).scale == 1  # no margin given: full decode
+    assert Settings().jpeg_draft_margin == 0  # nor in the gateway's settings
     small = photo_jpeg(size=(400, 300))  # 300 // 256 = 1: nothing to gain
-    assert decode_for_embedding(small, SPEC, LIMIT).scale == 1
+    assert decode_for_embedding(small, SPEC, LIMIT, draft_margin=1).scale == 1
 
 
-def test_non_jpeg_inputs_equal_the_reference_transform_exactly():
+def test_non_jpeg_inputs_take_the_exact_path_whatever_the_margin():
     data = encode(noise(640, 480), "PNG")
-    np.testing.assert_array_equal(embedding_input(decode_for_embedding(data, SPEC, LIMIT), SPEC),
-                                  preprocess(decode_image(data, LIMIT), SPEC))
+    decoded = decode_for_embedding(data, SPEC, LIMIT, draft_margin=1)
+    assert decoded.scale == 1
+    np.testing.assert_array_equal(embedding_input(decoded, SPEC), preprocess(decode_image(data, LIMIT), SPEC))
 
 
 def test_reduced_scale_follows_exif_rotation():
     exif = Image.Exif()
     exif[0x0112] = 6
     data = photo_jpeg(size=(2048, 1536), exif=exif)
-    fast = decode_for_embedding(data, SPEC, LIMIT)
+    fast = decode_for_embedding(data, SPEC, LIMIT, draft_margin=1)
     assert fast.full_size == (1536, 2048) and fast.image.size == (384, 512)
     full = preprocess(decode_image(data, LIMIT), SPEC)
-    assert np.abs(embedding_input(fast, SPEC) - full).mean() < 0.02
+    assert mean_levels(embedding_input(fast, SPEC), full) < 1.0
 
 
 def test_odd_sizes_map_the_crop_through_the_exact_dct_scale():
@@ -316,7 +323,7 @@ def test_odd_sizes_map_the_crop_through_the_exact_dct_scale():
     fast = decode_for_embedding(data, SPEC, LIMIT, draft_margin=2)
     assert fast.scale == 2 and fast.image.size == (1024, 515)
     full = preprocess(decode_image(data, LIMIT), SPEC)
-    assert np.abs(embedding_input(fast, SPEC) - full).mean() < 0.02
+    assert mean_levels(embedding_input(fast, SPEC), full) < 1.0
 
 
 # --- request bodies ------------------------------------------------------------------------------------------
@@ -408,9 +415,12 @@ def test_the_default_pool_size_is_the_cores_this_process_may_use():
     assert Settings().decode_workers == len(os.sched_getaffinity(0))
 
 
-def test_pixel_batch_is_the_embedding_input_of_each_image():
-    inference = inference_of(Settings(decode_workers=2))
+@pytest.mark.parametrize("margin", [0, 1])
+def test_pixel_batch_is_the_embedding_input_of_each_image_at_the_servers_draft_margin(margin):
+    inference = inference_of(Settings(decode_workers=2, jpeg_draft_margin=margin))
     images = [photo_jpeg(index=1), encode(noise(300, 200), "PNG"), encode(noise(64, 64).convert("RGBA"), "WEBP")]
     batch = asyncio.run(inference.pixel_batch(images))
-    expected = [embedding_input(decode_for_embedding(data, SPEC, LIMIT), SPEC) for data in images]
+    expected = [embedding_input(decode_for_embedding(data, SPEC, LIMIT, draft_margin=margin), SPEC) for data in images]
     np.testing.assert_array_equal(batch, np.stack(expected))
+    exact_jpeg = preprocess(decode_image(images[0], LIMIT), SPEC)
+    assert np.array_equal(batch[0], exact_jpeg) == (margin == 0)  # margin 1 decodes the 3 MP JPEG at 1/4

@@ -53,3 +53,25 @@ def test_masks_are_a_function_of_the_random_stream():
 def test_invalid_ratios_are_refused(ratio, var):
     with pytest.raises(ValueError):
         BlockMaskGenerator(ratio, var)
+
+
+def test_training_masks_are_drawn_independently_of_the_augmentation_draws():
+    """The masks must not replay the augmentation's random numbers (one stream per purpose): a mask drawn
+    from the augmentation's own stream state differs from the one the pipeline gives."""
+    from training.views import TrainingViews
+
+    states = []
+
+    def augmentation(image):  # records the augmentation's stream instead of cropping
+        states.append(random.getstate())
+        return []
+
+    generator = BlockMaskGenerator((0.3,), (0.1,))
+    views = TrainingViews([(None, 0)] * 50, augmentation, seed=0, masks=generator, mask_grid=6)
+    replays = 0
+    for i in range(50):
+        masks = views[(0, i)][1].numpy()
+        replay = random.Random()
+        replay.setstate(states[i])
+        replays += np.array_equal(masks, np.stack([generator(6, 6, replay) for _ in range(2)]))
+    assert replays == 0

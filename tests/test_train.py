@@ -12,7 +12,8 @@ from conftest import run_cli
 
 from training.config import PRESETS, TrainConfig
 from training.models import BackboneSpec
-from training.trainer import resolve_precision, teacher_statistics
+from training.methods import teacher_statistics
+from training.trainer import resolve_precision
 
 
 def _metrics(run) -> list[dict]:
@@ -23,10 +24,13 @@ def _metrics(run) -> list[dict]:
 def test_dino_run_writes_resumable_checkpoint_with_official_key_layout(trained_run):
     state = torch.load(trained_run / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and state["method"] == "dino"
-    for network in ("student", "teacher"):
-        keys = state[network].keys()
-        assert any(k.startswith("backbone.blocks.") for k in keys)
-        assert "head.last_layer.weight_g" in keys and "head.last_layer.weight_v" in keys
+    # main_dino.py's layout: the student is DDP-wrapped there, so its keys carry ``module.``; the teacher's
+    # do not (no BatchNorm in the head).
+    for network, prefix in (("student", "module."), ("teacher", "")):
+        keys = list(state[network])
+        assert all(k.startswith(prefix + "backbone.") or k.startswith(prefix + "head.") for k in keys)
+        assert prefix + "backbone.blocks.0.attn.qkv.weight" in keys
+        assert prefix + "head.last_layer.weight_g" in keys and prefix + "head.last_layer.weight_v" in keys
     assert state["dino_loss"]["center"].shape == (1, 256)
     assert state["dino_loss"]["center"].abs().sum() > 0  # the centre moved from zero
     assert isinstance(state["config"], dict) and state["config"]["arch"] == "vit_nano"
@@ -41,6 +45,7 @@ def test_teacher_is_an_ema_of_the_student_not_a_copy(trained_run):
     state = torch.load(trained_run / "checkpoint.pth", map_location="cpu", weights_only=True)
     student, teacher = state["student"], state["teacher"]
     key = "backbone.blocks.0.attn.qkv.weight"
+    student[key] = student["module." + key]
     assert not torch.equal(student[key], teacher[key])
     # EMA at momentum ≥ 0.996 over a few steps: the teacher stays close to the student.
     assert (student[key] - teacher[key]).abs().max() < 0.05
@@ -92,10 +97,12 @@ def test_resume_continues_with_the_same_next_step_loss(request, tmp_path, run_fi
 def test_ibot_run_masks_patches_and_writes_the_official_ibot_keys(ibot_run):
     state = torch.load(ibot_run / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert state["method"] == "ibot" and state["epoch"] == 2
-    student = state["student"]
-    assert student["backbone.masked_embed"].shape == (1, 96)
-    assert student["head.last_layer2.weight_v"].shape == (128, 64)  # patch prototypes of their own
-    assert student["head.last_layer.weight_v"].shape == (256, 64)
+    student, teacher = state["student"], state["teacher"]
+    assert student["module.backbone.masked_embed"].shape == (1, 96)
+    assert "backbone.masked_embed" not in teacher  # main_ibot.py's teacher has no mask token
+    assert student["module.head.last_layer2.weight_v"].shape == (128, 64)  # patch prototypes of their own
+    assert student["module.head.last_layer.weight_v"].shape == (256, 64)
+    assert teacher["head.last_layer2.weight_v"].shape == (128, 64)
     assert state["ibot_loss"]["center"].shape == (1, 256) and state["ibot_loss"]["center2"].shape == (1, 1, 128)
     assert state["ibot_loss"]["center2"].abs().sum() > 0
 
@@ -109,10 +116,21 @@ def test_ibot_run_masks_patches_and_writes_the_official_ibot_keys(ibot_run):
     assert "masked_embed" not in served["state_dict"]  # serving never masks
 
 
-def test_knn_monitor_reports_accuracy_each_epoch(ibot_run):
+def test_knn_monitor_reports_dinos_weighted_knn_of_the_teacher_each_epoch(ibot_run):
+    from official_reference import knn_top1
+    from training.data import open_dataset
+    from training.models import BackboneSpec, build_backbone
+
     history = [json.loads(line) for line in (ibot_run / "log.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert all(0 <= h["knn_top1"] <= 100 and h["knn_top1"] <= h["knn_top5"] for h in history)
+    train_set, val_set = open_dataset("synthetic:24:64:1"), open_dataset("synthetic:12:64:2")  # the monitor's
+    for record, path in zip(history, ("checkpoint0001.pth", "checkpoint.pth")):
+        state = torch.load(ibot_run / path, map_location="cpu", weights_only=True)
+        teacher = build_backbone(BackboneSpec(**{**state["backbone"], "drop_path_rate": 0.0}))
+        teacher.load_state_dict({k.removeprefix("backbone."): v for k, v in state["teacher"].items()
+                                 if k.startswith("backbone.")})
+        assert record["knn_top1"] == pytest.approx(knn_top1(teacher, train_set, val_set, size=64, k=20))
+        assert record["knn_top1"] <= record["knn_top5"]
 
 
 def test_ibot_run_exports_to_a_bundle_that_matches_pytorch(ibot_run, tmp_path):
@@ -202,3 +220,53 @@ def test_bn_in_head_puts_batchnorm_between_the_mlp_layers_for_dino_only():
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
     with pytest.raises(ValueError, match="use_bn_in_head is a DINO option"):
         TrainConfig.build(values={"method": "ibot", "use_bn_in_head": True})
+
+
+@pytest.mark.parametrize("clip, expected", [
+    (3.0, ["scale", "unscale_", "clip", "cancel", "step", "update"]),
+    (0.0, ["scale", "cancel", "step", "update"]),  # unscaled only when clipping needs true gradients
+])
+def test_fp16_grad_scaler_calls_follow_the_official_order(tmp_path, monkeypatch, clip, expected):
+    import training.trainer as trainer_module
+    from training.trainer import Trainer
+
+    calls = []
+
+    class RecordingScaler(torch.amp.GradScaler):  # the real scaler, the trainer's calls recorded
+        stepping = False  # GradScaler.step unscales by itself when the trainer has not
+
+        def scale(self, outputs):
+            calls.append("scale")
+            return super().scale(outputs)
+
+        def unscale_(self, optimizer):
+            if not self.stepping:
+                calls.append("unscale_")
+            return super().unscale_(optimizer)
+
+        def step(self, optimizer, *args, **kwargs):
+            calls.append("step")
+            self.stepping = True
+            try:
+                return super().step(optimizer, *args, **kwargs)
+            finally:
+                self.stepping = False
+
+        def update(self, new_scale=None):
+            calls.append("update")
+            return super().update(new_scale)
+
+    clip_gradients = trainer_module.clip_gradients
+    monkeypatch.setattr(trainer_module, "clip_gradients", lambda *a: (calls.append("clip"), clip_gradients(*a)))
+    cfg = TrainConfig.build(values={"arch": "vit_pico", "patch_size": 8, "img_size": 32, "global_size": 32,
+                                    "local_size": 16, "local_crops_number": 1, "out_dim": 16, "hidden_dim": 16,
+                                    "bottleneck_dim": 8, "batch_size": 2, "data": "synthetic:2:32:0",
+                                    "num_workers": 0, "tensorboard": False, "clip_grad": clip, "device": "cpu",
+                                    "output": str(tmp_path)})
+    trainer = Trainer(cfg, progress=False)
+    trainer.scaler = RecordingScaler("cpu")
+    on_gradients = trainer.objective.on_gradients
+    monkeypatch.setattr(trainer.objective, "on_gradients", lambda *a: (calls.append("cancel"), on_gradients(*a)))
+    crops, masks = next(iter(trainer.loader))
+    trainer.step(crops, masks, epoch=0, it=0)
+    assert calls == expected

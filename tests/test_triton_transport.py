@@ -128,7 +128,7 @@ def test_without_access_to_tritons_shared_memory_api_inputs_go_in_the_http_body(
             await backend.close()
 
     refused, refused_result = run(infer())  # the embedded Triton keeps the API to the holder of its token
-    off, off_result = run(infer(access_token=triton.access_token, shared_memory="off"))
+    off, off_result = run(infer(access_token=triton.access_token, shared_memory=False))
     assert refused.usable is False and off is None
     expected = session.run(["embedding"], {"pixel_values": batch})[0]
     np.testing.assert_allclose(refused_result["embedding"], expected, atol=1e-5)

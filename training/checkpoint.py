@@ -2,8 +2,10 @@
 
 Two kinds, both plain ``torch.save`` dicts of tensors and builtins (loadable with ``weights_only=True``):
 
-- ``checkpoint.pth``: everything to resume (``student`` / ``teacher`` state dicts with ``backbone.`` and
-  ``head.`` prefixes like the official DINO checkpoints, optimizer, loss centre, epoch, config);
+- ``checkpoint.pth``: everything to resume, in the official full-checkpoint layout of ``main_dino.py`` /
+  ``main_ibot.py`` (``student`` with ``module.backbone.`` / ``module.head.`` keys, ``teacher``,
+  ``optimizer``, ``dino_loss`` / ``ibot_loss``, ``epoch``, ``fp16_scaler``; ``Trainer.official_checkpoint``)
+  plus our own keys (``format``, ``method``, ``backbone``, ``config``, ...);
 - ``teacher_backbone.pth``: the teacher backbone alone, what serving needs (``state_dict`` without prefix).
 
 Both carry ``format`` and the ``backbone`` spec so export can rebuild the architecture without guessing.

@@ -11,7 +11,8 @@ from pathlib import Path
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters, defaults from the paper's ViT-S/16 recipe (``main_dino.py``)."""
+    """Hyper-parameters. Defaults are ``main_dino.py``'s; ``method = "ibot"`` without a preset takes
+    ``main_ibot.py``'s where they differ (``METHOD_DEFAULTS``), when built through :meth:`build`."""
 
     data: str = ""
     output: str = "runs/dino"
@@ -34,7 +35,7 @@ class TrainConfig:
     use_bn_in_head: bool = False  # BatchNorm in the DINO head's MLP (official --use_bn_in_head; DINO only)
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04  # values above 0.07 were unstable in the paper
-    warmup_teacher_temp_epochs: int = 30
+    warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
     clip_grad: float = 3.0
@@ -49,7 +50,8 @@ class TrainConfig:
     grayscale_p: float = 0.2
     # iBOT (method = "ibot"): masked-image modelling on the global crops' patch tokens.
     patch_out_dim: int = 8192
-    shared_head: bool = False  # one set of prototypes for CLS and patch tokens
+    shared_head: bool = False  # one set of prototypes for the student's CLS and patch tokens
+    shared_head_teacher: bool = True  # the same for the teacher (official default: shared)
     pred_ratio: tuple[float, ...] = (0.0, 0.3)  # masking ratios, one drawn per global crop
     pred_ratio_var: tuple[float, ...] = (0.0, 0.2)  # ± range around each ratio
     pred_aspect: float = 0.3  # blocks' aspect ratio is log-uniform in [pred_aspect, 1 / pred_aspect]
@@ -73,7 +75,7 @@ class TrainConfig:
     freeze_prototypes_iters: int = 313  # SwAV: steps during which the prototypes do not move
     # Runtime.
     device: str = "auto"  # auto: CUDA when available
-    precision: str = "auto"  # auto: bf16 autocast on GPUs that support it (else fp16 + grad scaler), fp32 on CPU
+    precision: str = "auto"  # auto: fp16 autocast + grad scaler on GPUs (the official recipes), fp32 on CPU
     num_workers: int = 2
     seed: int = 0
     saveckp_freq: int = 0  # also keep checkpoint<epochs done>.pth every N epochs (0: only checkpoint.pth)
@@ -92,12 +94,14 @@ class TrainConfig:
 
     @classmethod
     def build(cls, preset: str | None = None, values: dict | None = None, overrides: dict | None = None):
-        """Defaults, then the ``preset``, then ``values`` (a config file), then ``overrides`` not None."""
+        """Defaults (the method's official ones, ``METHOD_DEFAULTS``), then the ``preset``, then ``values``
+        (a config file), then ``overrides`` not None."""
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         merged = {**(PRESETS[preset] if preset else {}), **(values or {})}
         merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_dict(merged)
+        method = merged.get("method", cls.method)
+        return cls.from_dict({**METHOD_DEFAULTS.get(method, {}), **merged})
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -123,6 +127,10 @@ class TrainConfig:
         if self.global_size % self.patch_size or self.local_size % self.patch_size:
             raise ValueError(f"crop sizes ({self.global_size}, {self.local_size}) must be multiples of the "
                              f"patch size {self.patch_size}")
+        if self.method == "ibot" and (self.shared_head or self.shared_head_teacher) and self.patch_out_dim != self.out_dim:
+            raise ValueError(f"iBOT with shared_head or shared_head_teacher (main_ibot.py's default) scores the patch "
+                             f"tokens on the CLS prototypes, so patch_out_dim must equal out_dim (got "
+                             f"{self.patch_out_dim} and {self.out_dim}); set both, or shared_head_teacher false")
         if self.use_bn_in_head and self.method != "dino":
             raise ValueError("use_bn_in_head is a DINO option; the iBOT head projects every token")
         if self.method in ("dino", "ibot") and (self.freeze_patch_embed or self.queue_size or not self.mlp_bn):
@@ -156,6 +164,13 @@ def read_options(path: str | Path) -> dict:
     return json.loads(text)
 
 
+# main_ibot.py's defaults where they differ from main_dino.py's (TrainConfig's): an iBOT run without a
+# preset is the official script run without arguments.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "ibot": dict(out_dim=8192, patch_out_dim=8192, local_crops_number=0, global_scale=(0.14, 1.0), batch_size=128,
+                 pred_ratio=(0.3,), pred_ratio_var=(0.0,), warmup_teacher_temp_epochs=30),
+}
+
 # The official recipes, as released with the papers' checkpoints (facebookresearch/dino README and
 # training logs; bytedance/ibot README). ``batch_size`` is per process: the papers ran 16 GPUs × 64 for
 # ViT-S/16 (1024 images per step) and 32 GPUs × 32 for ViT-B/16; the learning rate scales with the total.
@@ -177,7 +192,7 @@ PRESETS: dict[str, dict] = {
                     "clip_grad": 3.0, "freeze_last_layer": 3},
     "ibot_vits16": {**_IBOT_COMMON, "arch": "vit_small", "epochs": 800, "batch_size": 64, "lr": 0.0005,
                     "min_lr": 1e-6, "norm_last_layer": False, "warmup_teacher_temp_epochs": 30,
-                    "freeze_last_layer": 1, "global_scale": (0.14, 1.0), "local_scale": (0.05, 0.4)},
+                    "freeze_last_layer": 1, "global_scale": (0.25, 1.0), "local_scale": (0.05, 0.25)},
     "ibot_vitb16": {**_IBOT_COMMON, "arch": "vit_base", "epochs": 400, "batch_size": 64, "lr": 0.00075,
                     "min_lr": 2e-6, "norm_last_layer": True, "warmup_teacher_temp_epochs": 50,
                     "freeze_last_layer": 3, "global_scale": (0.32, 1.0), "local_scale": (0.05, 0.32)},

@@ -1,10 +1,11 @@
-"""``dinoserve export``: checkpoint or hub name → Triton model-repository entry (DESIGN.md, contract 1).
+"""``dinoserve export``: checkpoint or hub name → Triton model-repository entry (the bundle of docs/bundle.md).
 
 Writes ``<repository>/<name>/<version>/model.onnx`` (or ``model.plan``, a TensorRT engine), ``config.pbtxt``
 and the model card ``dinoserve.json``. The graph maps ``pixel_values [B, 3, H, W]`` to ``embedding``
 (final-norm CLS), ``attention`` (the last block's CLS→patch attention per head) and ``patch_tokens``,
-with B, H and W dynamic and the position embeddings interpolated inside the graph: as the official
-DINO/iBOT code does for their weights (``official_vit.py``), as timm does for ours and timm's.
+with B, H and W dynamic and the position embeddings interpolated inside the graph: by the official
+DINO/iBOT rule (``official_vit.py``) for official weights and ours (we train with that rule), by timm's
+resample for timm weights. The model card's ``pos_embed.interpolation`` says which.
 
 Every accepted checkpoint shape is read by ``weights.py``. Nothing is written to the repository until
 the graph is exported and verified; a refused file leaves it untouched.
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -38,19 +40,52 @@ from .weights import CheckpointError, LoadedBackbone, fit_weights, load_checkpoi
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 64
-DEFAULT_QUEUE_DELAY_US = 2000
-DEFAULT_MAX_QUEUE = 256  # requests waiting in Triton's batcher before it refuses more
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 TENSORRT_MAX_SIDE = 512  # largest input side of the TensorRT engine's optimisation profile
 
 
-def block_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a timm ``Block`` computing its softmax attention explicitly (timm's fused SDPA hides it).
+@dataclass(frozen=True)
+class Serving:
+    """Triton's batching of the bundle: ``config.pbtxt`` and the model card's ``serving``."""
 
-    Same arithmetic as timm's unfused ``Attention.forward``; returns the block output and the attention
-    probabilities ``[B, heads, N, N]``.
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 2000  # the dynamic batcher's wait for more requests
+    max_queue_size: int = 256  # requests waiting in Triton's batcher before it refuses more
+    instances: int = 1  # model instances per device
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``export_bundle`` reads from the source and how it writes the bundle (``dinoserve export``'s
+    options; these defaults are its defaults). :class:`CheckpointError` for a value it cannot take."""
+
+    checkpoint_key: Literal["teacher", "student"] = "teacher"  # the network of a training checkpoint
+    format: Literal["onnx", "tensorrt"] = "onnx"
+    precision: Literal["fp32", "fp16"] = "fp32"  # of the ONNX file; a TensorRT engine is fp16
+    version: int | None = None  # version folder; default: one past the newest (1 for a new model)
+    num_heads: int | None = None  # for widths without a standard head count
+    pos_interpolation: Literal["official", "timm"] | None = None  # default: the source format's rule
+    method: Literal["dino", "ibot"] | None = None  # recorded in the card; default: read from the file
+    cache_dir: Path | None = None  # hub downloads
+    serving: Serving = field(default_factory=Serving)
+    verify: bool = True  # run the exported file at three sizes and compare with PyTorch
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise CheckpointError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.precision not in PRECISIONS:
+            raise CheckpointError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.version is not None and self.version < 1:
+            raise CheckpointError(f"--version must be 1 or more, got {self.version}")
+
+
+def block_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a timm ``Block`` computing its softmax attention explicitly (a fused kernel would hide it).
+
+    Same arithmetic as the official ``Attention.forward``, ``softmax((q @ kᵀ) · scale)``; returns the block
+    output and the attention probabilities ``[B, heads, N, N]``.
     """
     attn_mod = block.attn
     y = block.norm1(x)
@@ -58,7 +93,7 @@ def block_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     qkv = attn_mod.qkv(y).reshape(B, N, 3, attn_mod.num_heads, attn_mod.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
-    attn = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    attn = ((q @ k.transpose(-2, -1)) * attn_mod.scale).softmax(dim=-1)
     out = (attn @ v).transpose(1, 2).reshape(B, N, attn_mod.attn_dim)
     out = attn_mod.proj(attn_mod.norm(out))
     x = x + block.drop_path1(block.ls1(out))
@@ -117,10 +152,10 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
-def model_card(name: str, loaded: LoadedBackbone, source: Path, hub: HubWeights | None, fmt: str,
-               onnx_info: dict, max_batch: int, queue_delay_us: int, precision: str = "fp32",
-               version: int = 1, max_queue: int = DEFAULT_MAX_QUEUE, instances: int = 1) -> dict:
-    spec = loaded.spec
+def model_card(name: str, loaded: LoadedBackbone, *, source: Path, hub: HubWeights | None, onnx_info: dict,
+               options: ExportOptions, version: int) -> dict:
+    """The model card ``dinoserve.json`` of a bundle (docs/bundle.md lists its fields)."""
+    spec, fmt, serving = loaded.spec, options.format, options.serving
     dtype = {"name": None, "dtype": "FP32"}
     prefix = 1 + getattr(spec, "reg_tokens", 0)
     return {
@@ -135,7 +170,7 @@ def model_card(name: str, loaded: LoadedBackbone, source: Path, hub: HubWeights 
         "num_prefix_tokens": prefix,
         "pos_embed": {"grid": [spec.img_size // spec.patch_size] * 2, "interpolation": loaded.pos_interpolation},
         "runtime": {"format": fmt, **({"tensorrt_max_side": TENSORRT_MAX_SIDE} if fmt == "tensorrt" else {})},
-        "precision": "fp16" if fmt == "tensorrt" else precision,
+        "precision": "fp16" if fmt == "tensorrt" else options.precision,
         "version": version,
         "onnx": onnx_info,
         "preprocess": {"resize": 256, "crop": 224, "interpolation": "bicubic",
@@ -147,8 +182,9 @@ def model_card(name: str, loaded: LoadedBackbone, source: Path, hub: HubWeights 
             "attention": {**dtype, "name": "attention", "shape": ["B", spec.num_heads, "(H/p)*(W/p)"]},
             "patch_tokens": {**dtype, "name": "patch_tokens", "shape": ["B", "(H/p)*(W/p)", spec.embed_dim]},
         },
-        "serving": {"max_batch_size": max_batch, "max_queue_delay_microseconds": queue_delay_us,
-                    "max_queue_size": max_queue, "instances": instances},
+        "serving": {"max_batch_size": serving.max_batch_size,
+                    "max_queue_delay_microseconds": serving.max_queue_delay_us,
+                    "max_queue_size": serving.max_queue_size, "instances": serving.instances},
         "source": {
             "checkpoint": source.name, "sha256": sha256_file(source), "format": loaded.source_format,
             "checkpoint_key": loaded.checkpoint_key,
@@ -164,19 +200,17 @@ def warmup_side(spec: BackboneSpec, crop: int = 224) -> int:
     return max(1, round(crop / spec.patch_size)) * spec.patch_size
 
 
-def triton_config(name: str, spec: BackboneSpec, max_batch: int, queue_delay_us: int,
-                  platform: str = "onnxruntime_onnx", max_queue: int = DEFAULT_MAX_QUEUE,
-                  instances: int = 1) -> str:
+def triton_config(name: str, spec: BackboneSpec, serving: Serving, platform: str = "onnxruntime_onnx") -> str:
     """``config.pbtxt`` for Triton's ONNX Runtime (or TensorRT) backend: dynamic batching with a bounded
-    queue (requests beyond it are refused at once instead of waiting), ``instances`` copies of the model,
-    a warm-up inference at the embedding size so that readiness means warm, and the newest version
+    queue (requests beyond it are refused at once instead of waiting), ``serving.instances`` copies of the
+    model, a warm-up inference at the embedding size so that readiness means warm, and the newest version
     folder served."""
     d, h = spec.embed_dim, spec.num_heads
     side = warmup_side(spec)
     kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
     return f"""name: "{name}"
 platform: "{platform}"
-max_batch_size: {max_batch}
+max_batch_size: {serving.max_batch_size}
 version_policy: {{ latest {{ num_versions: 1 }} }}
 input [
   {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ 3, -1, -1 ] }}
@@ -187,10 +221,10 @@ output [
   {{ name: "patch_tokens" data_type: TYPE_FP32 dims: [ -1, {d} ] }}
 ]
 dynamic_batching {{
-  max_queue_delay_microseconds: {queue_delay_us}
-  default_queue_policy {{ max_queue_size: {max_queue} }}
+  max_queue_delay_microseconds: {serving.max_queue_delay_us}
+  default_queue_policy {{ max_queue_size: {serving.max_queue_size} }}
 }}
-instance_group [ {{ kind: {kind} count: {instances} }} ]
+instance_group [ {{ kind: {kind} count: {serving.instances} }} ]
 model_warmup [
   {{
     name: "embedding_{side}x{side}"
@@ -203,7 +237,8 @@ model_warmup [
 
 def convert_fp16(onnx_path: Path) -> None:
     """Rewrite the ONNX file with fp16 weights and arithmetic (for GPUs), keeping fp32 inputs and outputs
-    so the bundle contract holds; softmax and the layer norms stay in fp32 for range."""
+    so the bundle contract holds; softmax, the layer norms and the arithmetic on shapes (the cubic weights
+    of the position-embedding resize) stay in fp32."""
     import onnx
     from onnxconverter_common import float16
 
@@ -211,8 +246,27 @@ def convert_fp16(onnx_path: Path) -> None:
     with warnings.catch_warnings():  # one warning per weight below fp16's smallest normal; clamping is intended
         warnings.filterwarnings("ignore", "the float32 number", UserWarning)
         model = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + ["LayerNormalization", "Softmax"])
+            model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + ["LayerNormalization", "Softmax"],
+            node_block_list=_shape_arithmetic(model.graph))
     onnx.save(model, str(onnx_path))
+
+
+def _shape_arithmetic(graph) -> list[str]:
+    """Names of the nodes that compute from tensor shapes and scalar constants only, not from pixel or
+    weight values (graph nodes are in topological order)."""
+    import math
+
+    import onnx
+
+    values = {i.name for i in graph.input}
+    values |= {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and math.prod(t.dims) > 1}
+    names = []
+    for node in graph.node:
+        if node.op_type != "Shape" and any(name in values for name in node.input):
+            values.update(node.output)
+        else:
+            names.append(node.name)
+    return names
 
 
 def export_onnx(graph: BundleGraph, spec: BackboneSpec, path: Path) -> dict:
@@ -366,34 +420,24 @@ def check_same_architecture(model_dir: Path, spec: BackboneSpec) -> None:
             f"{new[2]} heads: export it under another --name")
 
 
-def export_bundle(source: str | Path, repository: Path, name: str, checkpoint_key: str = "teacher",
-                  max_batch: int = DEFAULT_MAX_BATCH, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
-                  verify: bool = True, progress: bool = True, fmt: str = "onnx", num_heads: int | None = None,
-                  pos_interpolation: str | None = None, method: str | None = None,
-                  cache_dir: Path | None = None, precision: str = "fp32", version: int | None = None,
-                  max_queue: int = DEFAULT_MAX_QUEUE, instances: int = 1) -> Path:
+def export_bundle(source: str | Path, repository: Path, name: str, options: ExportOptions = ExportOptions()) -> Path:
     """Export a checkpoint file or hub name into ``repository/name/<version>``; returns the model directory.
 
-    ``version`` defaults to one past the newest existing version (1 for a new model), so a new export
-    rolls out next to the old one (Triton serves the newest); an explicit version is overwritten. With
-    ``verify`` the exported file is run (onnxruntime, or TensorRT for an engine) and compared with
-    PyTorch at three sizes. Raises :class:`CheckpointError` (one line) for files that cannot be exported.
+    ``options.version`` defaults to one past the newest existing version (1 for a new model), so a new
+    export rolls out next to the old one (Triton serves the newest); an explicit version is overwritten.
+    With ``options.verify`` the exported file is run (onnxruntime, or TensorRT for an engine) and compared
+    with PyTorch at three sizes. Raises :class:`CheckpointError` (one line) for files that cannot be exported.
     """
-    if fmt not in FORMATS:
-        raise CheckpointError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if precision not in PRECISIONS:
-        raise CheckpointError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if version is not None and version < 1:
-        raise CheckpointError(f"--version must be 1 or more, got {version}")
+    fmt, progress, version = options.format, options.progress, options.version
     if fmt == "tensorrt" and (reason := tensorrt_unavailable()):
         raise CheckpointError(f"--format tensorrt needs TensorRT and an NVIDIA GPU: {reason}; export --format "
                               "onnx here and build the engine on the GPU host")
     repository = Path(repository)
     model_dir = repository / name
-    path, hub = resolve_source(source, cache_dir, progress)
-    loaded = load_checkpoint(path, checkpoint_key, num_heads, pos_interpolation)
-    if method or hub:
-        loaded = replace(loaded, method=method or hub.method)
+    path, hub = resolve_source(source, options.cache_dir, progress)
+    loaded = load_checkpoint(path, options.checkpoint_key, options.num_heads, options.pos_interpolation)
+    if options.method or hub:
+        loaded = replace(loaded, method=options.method or hub.method)
     if version is None:
         version = next_version(model_dir, loaded.spec)
     else:
@@ -401,20 +445,20 @@ def export_bundle(source: str | Path, repository: Path, name: str, checkpoint_ke
     graph = BundleGraph(fit_weights(loaded.spec, loaded.weights, str(path))).eval()
 
     started = time.perf_counter()
-    bar = tqdm(total=2 if verify else 1, desc=f"export {name}", unit="step", disable=not progress)
+    bar = tqdm(total=2 if options.verify else 1, desc=f"export {name}", unit="step", disable=not progress)
     with tempfile.TemporaryDirectory(prefix="dinoserve-export-") as staging:
         onnx_path = Path(staging) / "model.onnx"
         onnx_info = export_onnx(graph, loaded.spec, onnx_path)
         artefact = onnx_path
         if fmt == "tensorrt":
             artefact = Path(staging) / "model.plan"
-            build_tensorrt_engine(onnx_path, artefact, loaded.spec, max_batch)
-        elif precision == "fp16":
+            build_tensorrt_engine(onnx_path, artefact, loaded.spec, options.serving.max_batch_size)
+        elif options.precision == "fp16":
             convert_fp16(onnx_path)
         bar.update(1)
-        if verify:
+        if options.verify:
             for shape, diffs in (verify_tensorrt(graph, artefact, loaded.spec) if fmt == "tensorrt" else
-                                 verify_onnx(graph, artefact, loaded.spec, precision=precision)):
+                                 verify_onnx(graph, artefact, loaded.spec, precision=options.precision)):
                 log.info("verified %s: %s", "x".join(map(str, shape)),
                          ", ".join(f"{k} {v:.5f}" if "cosine" in k else f"{k} {v:.1e}" for k, v in diffs.items()))
             bar.update(1)
@@ -425,9 +469,8 @@ def export_bundle(source: str | Path, repository: Path, name: str, checkpoint_ke
         shutil.move(str(artefact), version_dir / artefact.name)
     platform = "tensorrt_plan" if fmt == "tensorrt" else "onnxruntime_onnx"
     (model_dir / "config.pbtxt").write_text(
-        triton_config(name, loaded.spec, max_batch, queue_delay_us, platform, max_queue, instances))
-    card = model_card(name, loaded, path, hub, fmt, onnx_info, max_batch, queue_delay_us, precision, version,
-                      max_queue, instances)
+        triton_config(name, loaded.spec, options.serving, platform))
+    card = model_card(name, loaded, source=path, hub=hub, onnx_info=onnx_info, options=options, version=version)
     (model_dir / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
     bar.close()
     log.info("exported %s to %s (version %d) in %.1f s", source, model_dir, version, time.perf_counter() - started)

@@ -9,7 +9,7 @@ each is scored by its IoU (Jaccard index) with the object's mask. Used by ``benc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from service.segmentation import (
     patch_mask,
     segmentation_input,
 )
-from .data import make_sample
+from .data import BACKGROUNDS, CLASSES, make_sample
 from .export import BundleGraph
 
 COMBINED = ("mean", "union", "tokencut")
@@ -50,13 +50,14 @@ def attention_model(vit: nn.Module) -> AttentionModel:
 
 
 def scores(model: AttentionModel, indices: range, seed: int, image_size: tuple[int, int], size: int,
-           keep_mass: float, patch: int, desc: str, progress: bool = True) -> dict[str, np.ndarray]:
+           keep_mass: float, patch: int, desc: str, progress: bool = True,
+           backgrounds: Sequence[str] = BACKGROUNDS, classes: Sequence[str] = CLASSES) -> dict[str, np.ndarray]:
     """IoU per image ``(len(indices),)`` for each combined method and ``(len(indices), heads)`` per head,
-    on synthetic samples ``make_sample(index, size=image_size, seed=seed)``."""
+    on synthetic samples ``make_sample(index, image_size, seed, backgrounds, classes)``."""
     spec = Preprocess()  # the card's preprocessing: what `dinoserve export` writes
     out: dict[str, list] = {m: [] for m in (*COMBINED, "heads")}
     for index in tqdm(indices, desc=desc, unit="img", leave=False, disable=not progress):
-        sample = make_sample(index, size=image_size, seed=seed)
+        sample = make_sample(index, image_size, seed, backgrounds, classes)
         input_size = model_input_size(*sample.image.size, size, patch)
         attention, tokens = model(segmentation_input(sample.image, input_size, spec))
         grid = (input_size[1] // patch, input_size[0] // patch)

@@ -1,4 +1,13 @@
-"""The methods DINO grew out of, as objectives of the same trainer: MoCo v3, SimCLR, BYOL, SimSiam, SwAV.
+"""The training methods as objectives of one trainer: DINO and iBOT, and the methods DINO grew out of
+(MoCo v3, SimCLR, BYOL, SimSiam, SwAV).
+
+- **DINO** (Caron et al., ICCV 2021; facebookresearch/dino ``main_dino.py``): student and EMA teacher of
+  backbone + ``DINOHead``; the teacher sees the two global crops, the student every crop (``DINOLoss``);
+  the prototypes' gradients are dropped during the first ``freeze_last_layer`` epochs.
+- **iBOT** (Zhou et al., ICLR 2022; bytedance/ibot ``main_ibot.py``): the same plus masked-image modelling;
+  the student sees the global crops with block masks and the local crops unmasked, the teacher the
+  global crops unmasked (``IBOTLoss``). As the official code, the teacher has no mask token and, with
+  ``shared_head_teacher`` (the official default), one set of prototypes for its CLS and patch tokens.
 
 Each objective builds its networks around the same timm ViT backbone the DINO path trains and exports
 (``backbone.*`` keys, the method's MLPs under ``head.*``) and computes its loss for one step from the
@@ -19,7 +28,8 @@ trainer's crops; the trainer keeps the data pipeline, schedules, EMA, DDP, check
   (``SwAVLoss``).
 
 Each view goes through the MLPs on its own, so BatchNorm statistics are per view as in the references,
-which run the network once per view (SwAV normalises all crops together, as its reference does). MoCo v3
+which run the network once per view; SimCLR and SwAV normalise all crops together, as theirs do
+(google-research/simclr computes one batch of 2N augmented images). MoCo v3
 and BYOL evaluate the online (query) encoder, so that is the backbone these methods serve. The momentum
 encoder is updated after the optimizer step, with the trainer's EMA (MoCo v3 updates it before computing
 the keys; the difference is one step of the schedule).
@@ -37,8 +47,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig
-from .losses import BYOLLoss, MoCoV3Loss, NegativeQueue, NTXentLoss, SimSiamLoss, SwAVLoss
-from .models import BackboneSpec, MultiCropWrapper, ViTBackbone, build_backbone
+from .losses import BYOLLoss, DINOLoss, IBOTLoss, MoCoV3Loss, NegativeQueue, NTXentLoss, SimSiamLoss, SwAVLoss
+from .models import (BackboneSpec, DINOHead, IBOTHead, MaskedMultiCropWrapper, MultiCropWrapper, ViTBackbone,
+                     build_backbone)
 
 Head = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -103,7 +114,7 @@ class MethodNetwork(MultiCropWrapper):
     """Backbone + a method's head over a list of crops; returns the head's output for each crop.
 
     Crops of one resolution go through the backbone together; the head sees each crop's batch on its own
-    (per-view BatchNorm statistics), or all crops at once with ``joint_head`` (SwAV).
+    (per-view BatchNorm statistics), or all crops at once with ``joint_head`` (SimCLR, SwAV).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, joint_head: bool = False):
@@ -153,23 +164,76 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return network.module if isinstance(network, DistributedDataParallel) else network
 
 
-class Objective(nn.Module, abc.ABC):
-    """A method: its networks and the loss of one step. Its state (MoCo's queue) goes in checkpoints.
+def teacher_statistics(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> tuple[float, float]:
+    """Collapse indicators of the teacher's centred, sharpened distribution ``(batch, K)``.
 
-    ``forward(student, teacher, crops)`` takes the trained network (possibly DDP-wrapped), the momentum
-    encoder (None for methods without one) and the step's crops (global crops first), and returns the
-    loss and the step's statistics (``embedding_std`` of the student's first view).
+    Returns the mean per-image entropy (→ log K when every output is uniform) and the KL divergence of
+    the batch-mean distribution from uniform (→ log K when every image picks the same prototype). DINO's
+    paper (section 5.3) tracks the pair: a healthy run has a low entropy and a high but bounded KL.
+    """
+    with torch.no_grad():
+        probs = F.softmax((teacher_logits.float() - center.float()) / temp, dim=-1)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
+        mean = probs.mean(dim=0)
+        kl_uniform = (mean * torch.log(mean.clamp_min(1e-12) * probs.shape[-1])).sum()
+    return float(entropy), float(kl_uniform)
+
+
+def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """Official ``utils.cancel_gradients_last_layer``: no update of the prototypes (every parameter whose
+    name holds ``last_layer``) during the first ``freeze_last_layer`` epochs."""
+    if epoch < freeze_last_layer:
+        for name, p in model.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+
+
+class Objective(nn.Module, abc.ABC):
+    """A method: its networks and the loss of one step, as the trainer's only method-specific part.
+
+    ``forward(student, teacher, crops, masks, epoch)`` takes the trained network (possibly DDP-wrapped),
+    the momentum encoder or teacher (None for methods without one), the step's crops (global crops first),
+    the iBOT masks ``(batch, 2, h, w)`` (empty otherwise) and the epoch, and returns the loss and the
+    step's statistics (named in ``stat_columns``).
     """
 
     multi_crop = False  # takes the local crops too; the others see the two global views only
+    joint_head = False  # the head sees every crop of a step in one batch
     momentum_encoder = False
+    uses_masks = False  # iBOT's masked-image modelling: the data pipeline draws block masks
+    serves_teacher = False  # the served backbone is the teacher's (DINO, iBOT) rather than the student's
+    stat_columns: tuple[str, ...] = ("embedding_std",)
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         self.cfg = cfg
 
+    @abc.abstractmethod
+    def build_networks(self, spec: BackboneSpec) -> tuple[nn.Module, nn.Module | None]:
+        """The trained network and the teacher or momentum encoder (None without one), equal weights at
+        start."""
+
+    def on_gradients(self, student: nn.Module, epoch: int, step: int) -> None:
+        """Called between backward (and clipping) and the optimizer step (SwAV, DINO and iBOT drop the
+        prototypes' gradients for a while)."""
+
+    def schedule_values(self, epoch: int) -> dict[str, float]:
+        """Per-epoch values of the method's own schedules, for the metrics (teacher temperatures)."""
+        return {}
+
+    def loss_state(self) -> dict:
+        """What checkpoints keep of the objective (its centres, queue), under ``<method>_loss``."""
+        return self.state_dict()
+
+    def load_loss_state(self, state: dict) -> None:
+        self.load_state_dict(state)
+
+
+class ProjectionObjective(Objective):
+    """The contrastive and Siamese methods: a projection head (and predictor) on the backbone, every view
+    through the head on its own unless ``joint_head``."""
+
     def build_networks(self, spec: BackboneSpec) -> tuple[MethodNetwork, MethodNetwork | None]:
-        """The trained network and the momentum encoder (None without one), equal weights at start."""
         student = self._network(spec, spec.drop_path_rate, predictor=True)
         if not self.momentum_encoder:
             return student, None
@@ -179,23 +243,115 @@ class Objective(nn.Module, abc.ABC):
         backbone = build_backbone(replace(spec, drop_path_rate=drop_path_rate))
         if self.cfg.freeze_patch_embed:
             freeze_patch_projection(backbone)
-        return MethodNetwork(backbone, self._head(spec.embed_dim, predictor), joint_head=self.multi_crop)
+        return MethodNetwork(backbone, self._head(spec.embed_dim, predictor), joint_head=self.joint_head)
 
     @abc.abstractmethod
     def _head(self, in_dim: int, predictor: bool) -> nn.Module:
         """The method's projection head (and predictor, where it has one and ``predictor`` is True)."""
 
-    def on_gradients(self, student: nn.Module, step: int) -> None:
-        """Called between backward and the optimizer step (SwAV drops the prototypes' gradients)."""
+
+class SelfDistillation(Objective):
+    """DINO and iBOT: the served network is the EMA teacher, the loss module holds the centre(s) and the
+    teacher temperature schedule, and checkpoints keep that module's state (official ``dino_loss`` /
+    ``ibot_loss``)."""
+
+    multi_crop = True
+    momentum_encoder = True
+    serves_teacher = True
+    stat_columns = ("teacher_temp", "teacher_entropy", "teacher_kl_uniform")
+
+    def build_networks(self, spec: BackboneSpec) -> tuple[nn.Module, nn.Module]:
+        student, teacher = self._network(spec, spec.drop_path_rate, True), self._network(spec, 0.0, False)
+        return student, momentum_copy(student, teacher)
+
+    @abc.abstractmethod
+    def _network(self, spec: BackboneSpec, drop_path_rate: float, student: bool) -> nn.Module:
+        """Backbone + head of the student or of the teacher."""
+
+    def on_gradients(self, student: nn.Module, epoch: int, step: int) -> None:
+        cancel_last_layer_gradients(student, epoch, self.cfg.freeze_last_layer)
+
+    def schedule_values(self, epoch: int) -> dict[str, float]:
+        return {"teacher_temp": float(self.loss.teacher_temp_schedule[epoch])}
+
+    def loss_state(self) -> dict:
+        return self.loss.state_dict()
+
+    def load_loss_state(self, state: dict) -> None:
+        self.loss.load_state_dict(state)
 
 
-class MomentumPredictor(Objective):
+class DINO(SelfDistillation):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        warmup = min(cfg.warmup_teacher_temp_epochs, cfg.epochs)
+        self.loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                             warmup, cfg.epochs, cfg.student_temp, cfg.center_momentum)
+
+    def _network(self, spec: BackboneSpec, drop_path_rate: float, student: bool) -> nn.Module:
+        c = self.cfg
+        backbone = build_backbone(replace(spec, drop_path_rate=drop_path_rate))
+        return MultiCropWrapper(backbone, DINOHead(spec.embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim,
+                                                   use_bn=c.use_bn_in_head, norm_last_layer=c.norm_last_layer))
+
+    def forward(self, student, teacher, crops, masks, epoch):
+        with torch.no_grad():  # the official code runs it with grad, but the teacher has none to take
+            teacher_out = teacher(crops[:2])
+        student_out = student(crops)
+        temp = float(self.loss.teacher_temp_schedule[epoch])
+        entropy, kl = teacher_statistics(teacher_out, self.loss.center, temp)
+        loss = self.loss(student_out, teacher_out, epoch)
+        return loss, {"teacher_temp": temp, "teacher_entropy": entropy, "teacher_kl_uniform": kl}
+
+
+class IBOT(SelfDistillation):
+    uses_masks = True
+    stat_columns = ("cls_loss", "patch_loss", "masked_ratio", "teacher_patch_temp", *SelfDistillation.stat_columns)
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        warmup = min(cfg.warmup_teacher_temp_epochs, cfg.epochs)
+        # As main_ibot.py: a teacher sharing its prototypes scores the patch tokens on the CLS ones.
+        patch_dim = cfg.out_dim if cfg.shared_head or cfg.shared_head_teacher else cfg.patch_out_dim
+        self.loss = IBOTLoss(
+            cfg.out_dim, patch_dim, 2, cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
+            cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp, warmup, cfg.epochs, cfg.student_temp,
+            cfg.center_momentum, cfg.center_momentum, cfg.lambda1, cfg.lambda2,
+            mim_start_epoch=min(cfg.pred_start_epoch, cfg.epochs))
+
+    def _network(self, spec: BackboneSpec, drop_path_rate: float, student: bool) -> nn.Module:
+        c = self.cfg
+        backbone = build_backbone(replace(spec, drop_path_rate=drop_path_rate), masked_im_modeling=student)
+        return MaskedMultiCropWrapper(backbone, IBOTHead(
+            spec.embed_dim, c.out_dim, c.patch_out_dim, c.hidden_dim, c.bottleneck_dim,
+            norm_last_layer=c.norm_last_layer if student else True,
+            shared_head=c.shared_head if student else c.shared_head_teacher))
+
+    def schedule_values(self, epoch: int) -> dict[str, float]:
+        return {**super().schedule_values(epoch),
+                "teacher_patch_temp": float(self.loss.teacher_temp2_schedule[epoch])}
+
+    def forward(self, student, teacher, crops, masks, epoch):
+        global_crops = torch.cat(crops[:2])
+        crop_masks = [masks[:, 0], masks[:, 1]]
+        with torch.no_grad():
+            teacher_cls, teacher_patch, _ = teacher(global_crops)
+        student_cls, student_patch, local_cls = student(global_crops, torch.cat(crop_masks), crops[2:])
+        values = self.schedule_values(epoch)
+        entropy, kl = teacher_statistics(teacher_cls, self.loss.center, values["teacher_temp"])
+        parts = self.loss((student_cls, student_patch), (teacher_cls, teacher_patch), local_cls, crop_masks, epoch)
+        return parts["loss"], {**values, "cls_loss": parts["cls"].item(), "patch_loss": parts["patch"].item(),
+                               "teacher_entropy": entropy, "teacher_kl_uniform": kl,
+                               "masked_ratio": float(masks.float().mean())}
+
+
+class MomentumPredictor(ProjectionObjective):
     """MoCo v3 and BYOL: the online network's predictions of both views against the momentum encoder's
     projections of them; ``self.loss(p1, p2, t1, t2)`` is the method's symmetric loss."""
 
     momentum_encoder = True
 
-    def forward(self, student, teacher, crops):
+    def forward(self, student, teacher, crops, masks, epoch):
         (z1, p1), (z2, p2) = student(crops)
         with torch.no_grad():
             t1, t2 = teacher(crops)
@@ -215,7 +371,9 @@ class MoCoV3(MomentumPredictor):
             projection_mlp(2, c.bottleneck_dim, c.hidden_dim, c.bottleneck_dim, c.mlp_bn) if predictor else None)
 
 
-class SimCLR(Objective):
+class SimCLR(ProjectionObjective):
+    joint_head = True
+
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         self.loss = NTXentLoss(cfg.simclr_temperature)
@@ -223,7 +381,7 @@ class SimCLR(Objective):
     def _head(self, in_dim: int, predictor: bool) -> nn.Module:
         return ProjectionHead(projection_mlp(2, in_dim, self.cfg.hidden_dim, self.cfg.bottleneck_dim, self.cfg.mlp_bn))
 
-    def forward(self, student, teacher, crops):
+    def forward(self, student, teacher, crops, masks, epoch):
         z1, z2 = student(crops)
         return self.loss(z1, z2), {"embedding_std": embedding_std(z1)}
 
@@ -241,7 +399,7 @@ class BYOL(MomentumPredictor):
             if predictor else None)
 
 
-class SimSiam(Objective):
+class SimSiam(ProjectionObjective):
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         self.loss = SimSiamLoss()
@@ -254,13 +412,14 @@ class SimSiam(Objective):
             projection_mlp(2, c.bottleneck_dim, max(c.bottleneck_dim // 4, 1), c.bottleneck_dim, c.mlp_bn,
                            last_bn=False))
 
-    def forward(self, student, teacher, crops):
+    def forward(self, student, teacher, crops, masks, epoch):
         (z1, p1), (z2, p2) = student(crops)
         return self.loss(p1, p2, z1, z2), {"embedding_std": embedding_std(z1)}
 
 
-class SwAV(Objective):
+class SwAV(ProjectionObjective):
     multi_crop = True
+    joint_head = True
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -271,18 +430,18 @@ class SwAV(Objective):
         return SwAVHead(projection_mlp(2, in_dim, c.hidden_dim, c.bottleneck_dim, c.mlp_bn, last_bn=False),
                         c.bottleneck_dim, c.swav_prototypes)
 
-    def forward(self, student, teacher, crops):
+    def forward(self, student, teacher, crops, masks, epoch):
         prototypes = _unwrap(student).head.prototypes
         with torch.no_grad():  # projected back onto the sphere before every step, as the reference does
             prototypes.weight.copy_(F.normalize(prototypes.weight, dim=1))
         outputs = student(crops)
         return self.loss([scores for _, scores in outputs]), {"embedding_std": embedding_std(outputs[0][0])}
 
-    def on_gradients(self, student: nn.Module, step: int) -> None:
+    def on_gradients(self, student: nn.Module, epoch: int, step: int) -> None:
         if step < self.cfg.freeze_prototypes_iters:
             student.head.prototypes.weight.grad = None
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    "mocov3": MoCoV3, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam, "swav": SwAV,
+    "dino": DINO, "ibot": IBOT, "mocov3": MoCoV3, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam, "swav": SwAV,
 }

@@ -1,22 +1,39 @@
-"""ViT backbones (built with timm) and the DINO projection head.
+"""ViT backbones (built with timm) and the DINO projection head, numerically the official ones.
 
 Backbones are timm ``VisionTransformer``s with a CLS token, no classifier and ``dynamic_img_size`` so
-one model takes global and local crops and any inference size. The head follows the official
-``vision_transformer.DINOHead``; its last layer keeps the official ``weight_g`` / ``weight_v`` keys so
-checkpoints map one to one.
+one model takes global and local crops and any inference size. Where timm and the official
+``vision_transformer.py`` of facebookresearch/dino (iBOT's is the same) compute differently, ours follows
+the official code, in training as in export:
+
+- position embeddings for a non-native patch grid are resized by the official ``interpolate_pos_encoding``
+  (bicubic with the ``+ 0.1`` ``scale_factor``, no antialias; ``official_vit.py``), not timm's resample;
+- attention is the official explicit softmax, ``softmax((q @ kᵀ) · scale) @ v``;
+- stochastic depth draws ``keep + U[0, 1)`` and floors it, as the official ``drop_path`` (same random
+  numbers, same order);
+- initialisation is the official ``VisionTransformer.__init__``: ``pos_embed`` and ``cls_token``
+  truncated-normal (std 0.02), Linear layers truncated-normal with zero bias, LayerNorm (1, 0), the patch
+  projection with PyTorch's default.
+
+The head follows the official ``vision_transformer.DINOHead``; its last layer keeps the official
+``weight_g`` / ``weight_v`` keys (in that order) so checkpoints and optimizer states map one to one.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .official_vit import OfficialViT
+
 # name -> (embed_dim, depth, num_heads); the official sizes plus small ones for CPU work and tests.
 ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_pico": (48, 2, 3),
     "vit_nano": (96, 2, 2),
     "vit_micro": (192, 4, 3),
     "vit_tiny": (192, 12, 3),
@@ -71,8 +88,50 @@ class BackboneSpec:
         return asdict(self)
 
 
-class ViTBackbone(VisionTransformer):
-    """timm ``VisionTransformer`` that can also return every token and replace masked patches.
+class OfficialAttention(Attention):
+    """timm's attention module (same parameters) computing the official ``Attention.forward``:
+    ``softmax((q @ kᵀ) · scale) @ v`` with an explicit softmax, in the official order of operations."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(x))
+
+
+class OfficialDropPath(nn.Module):
+    """Stochastic depth as the official ``drop_path``: one ``U[0, 1)`` draw per sample, ``floor(keep + u)``
+    as the mask, ``x / keep`` kept. Same random stream and numbers as the official student."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        return x.div(keep) * mask.floor_()
+
+
+def official_init(module: nn.Module) -> None:
+    """The official ``_init_weights``: Linear truncated-normal (std 0.02, cut at ±2) with zero bias,
+    LayerNorm weight 1 and bias 0; other modules keep PyTorch's default."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViTBackbone(OfficialViT):
+    """The official DINO/iBOT ViT as a timm ``VisionTransformer`` that can also return every token and
+    replace masked patches.
 
     ``forward`` is timm's (final-norm CLS token). ``forward_tokens(x, mask)`` returns the final-norm
     tokens ``(batch, 1 + h*w, dim)``; with ``masked_im_modeling`` the patches where ``mask``
@@ -81,16 +140,23 @@ class ViTBackbone(VisionTransformer):
     checkpoints).
     """
 
-    def __init__(self, *args, masked_im_modeling: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, masked_im_modeling: bool = False, drop_path_rate: float = 0.0, **kwargs):
+        super().__init__(*args, attn_layer=OfficialAttention, weight_init="skip", **kwargs)
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
+        # The official stochastic-depth rule, linear in depth: dpr_i = i · rate / (depth - 1).
+        rates = [x.item() for x in torch.linspace(0, drop_path_rate, len(self.blocks))]
+        for block, rate in zip(self.blocks, rates):
+            block.drop_path1, block.drop_path2 = OfficialDropPath(rate), OfficialDropPath(rate)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(official_init)
 
     def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(x)  # (batch, h, w, dim) with dynamic_img_size
         if mask is not None:
             if self.masked_embed is None:
                 raise ValueError("this backbone was built without masked_im_modeling; it takes no mask")
-            x = torch.where(mask.unsqueeze(-1), self.masked_embed.to(x.dtype), x)
+            x[mask] = self.masked_embed.to(x.dtype)  # in place, as iBOT's ``mask_model`` (same gradients)
         x = self._pos_embed(x)
         x = self.norm_pre(self.patch_drop(x))
         x = self.blocks(x)
@@ -98,7 +164,7 @@ class ViTBackbone(VisionTransformer):
 
 
 def build_backbone(spec: BackboneSpec, masked_im_modeling: bool = False) -> ViTBackbone:
-    """A timm ViT returning the final-norm CLS token (``num_classes=0``, token pooling)."""
+    """The official ViT of ``spec`` returning the final-norm CLS token (``num_classes=0``, token pooling)."""
     return ViTBackbone(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -124,13 +190,15 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        # As the official ``weight_norm(nn.Linear(in_dim, out_dim, bias=False))`` with ``weight_g`` filled
+        # with 1: ``weight_v`` is nn.Linear's default initialisation, and ``weight_g`` is registered first.
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
-        return F.linear(x, weight)
+        # torch.nn.utils.weight_norm's own kernel: v · g / ‖v‖ per row, rounded as the official layer.
+        return F.linear(x, torch._weight_norm(self.weight_v, self.weight_g, 0))
 
 
 class DINOHead(nn.Module):
@@ -221,6 +289,9 @@ class MaskedMultiCropWrapper(nn.Module):
     masked, the teacher's view) and give CLS and patch logits; the local crops (a list of equally sized
     batches, possibly empty) give CLS logits only. Returns ``(cls, patch, local_cls or None)``. One module
     call per step, so DistributedDataParallel sees every parameter used in ``forward``.
+
+    As the official step, the local crops' tokens all go through the head's MLP and the CLS row is kept:
+    the same numbers as the CLS alone, and the same rounding of the MLP's gradients as the official run.
     """
 
     def __init__(self, backbone: nn.Module, head: IBOTHead):
@@ -232,7 +303,10 @@ class MaskedMultiCropWrapper(nn.Module):
         self, global_crops: torch.Tensor, masks: torch.Tensor | None = None, local_crops: list[torch.Tensor] = ()
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         cls, patch = self.head.forward_tokens(self.backbone.forward_tokens(global_crops, masks))
-        local_cls = self.head(self.backbone(torch.cat(list(local_crops)))) if len(local_crops) else None
+        local_cls = None
+        if len(local_crops):
+            tokens = F.normalize(self.head.mlp(self.backbone.forward_tokens(torch.cat(list(local_crops)))), dim=-1)
+            local_cls = self.head.last_layer(tokens[:, 0])
         return cls, patch, local_cls
 
 

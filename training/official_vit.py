@@ -11,8 +11,10 @@ Reference: ``VisionTransformer.interpolate_pos_encoding`` in facebookresearch/di
   the ``+ 0.1`` moves every sample, so timm's ``resample_abs_pos_embed`` (``size=``, antialiased) gives
   different numbers.
 
-``official_pos_encoding`` computes the same resize as two small interpolation matrices built from the
-(symbolic) grid size, so the ONNX graph keeps H and W dynamic. The reciprocal scale is
+``official_pos_encoding`` runs the official code itself in eager PyTorch (training: same numbers and
+same gradients as the official model). Under export (``torch.export`` / ONNX) it computes the same resize
+as two small interpolation matrices built from the (symbolic) grid size, so the ONNX graph keeps H and W
+dynamic. The reciprocal scale is
 ``10·side / (10·rows + 1)``, a ratio of integers that float32 division rounds exactly like PyTorch's
 ``float(1 / scale_factor)``; the cubic weights (Keys, a = -0.75) and clamped border taps follow
 PyTorch's ``upsample_bicubic2d``. What remains is float32 evaluation order (≈1e-7 relative).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 CUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic convolution constant
@@ -54,8 +57,22 @@ def cubic_resize_matrix(in_size: int, out_size, inv_scale: torch.Tensor) -> torc
 def official_pos_encoding(pos_embed: torch.Tensor, rows, cols) -> torch.Tensor:
     """Official ``interpolate_pos_encoding`` for a ``rows × cols`` patch grid: ``[1, 1 + rows·cols, D]``.
 
-    ``pos_embed`` is ``[1, 1 + side², D]`` (CLS position first); ``rows`` and ``cols`` may be symbolic.
+    ``pos_embed`` is ``[1, 1 + side², D]`` (CLS position first); ``rows`` and ``cols`` may be symbolic
+    while exporting.
     """
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return _pos_encoding_by_matrices(pos_embed, rows, cols)
+    n = pos_embed.shape[1] - 1
+    if rows * cols == n and rows == cols:
+        return pos_embed
+    side, dim = math.sqrt(n), pos_embed.shape[2]
+    grid = pos_embed[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+    return torch.cat((pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
+
+
+def _pos_encoding_by_matrices(pos_embed: torch.Tensor, rows, cols) -> torch.Tensor:
+    """:func:`official_pos_encoding` as two interpolation matrices, for graphs with symbolic sizes."""
     n = pos_embed.shape[1] - 1
     side = math.isqrt(n)
     dim = pos_embed.shape[2]

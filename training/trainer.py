@@ -1,10 +1,18 @@
-"""The DINO and iBOT training loop: one visible step (teacher, student, loss, clip, step, EMA).
+"""The training loop: one visible step (teacher, student, loss, clip, step, EMA), the official one.
 
-Follows ``train_one_epoch`` of the official ``main_dino.py`` and ``main_ibot.py``: schedules are per
-iteration, the teacher is an EMA of the student and never receives gradients. Runs in one process or
-under ``torchrun`` (DDP; every rank computes the same EMA, rank 0 writes files). MoCo v3, SimCLR, BYOL,
-SimSiam and SwAV run through the same loop as objectives (``methods.py``): their trained network is the
-student, their momentum encoder (MoCo v3, BYOL) the teacher.
+``Trainer.step`` is ``train_one_epoch``'s loop body of the official ``main_dino.py`` and ``main_ibot.py``,
+operation for operation: learning rate and weight decay set from per-iteration schedules at
+``epoch * iters + it``, teacher then student forward and the loss (which updates its centres), zero-grad,
+backward, per-parameter gradient clipping, the frozen last layer's gradients dropped, the optimizer step,
+then the EMA ``t = t · m + (1 - m) · s``. With ``--precision fp16`` the GradScaler calls come in the
+official order (scale, backward, unscale only when clipping, clip, cancel, step, update).
+``tests/test_trainer_parity.py`` checks that against a run of the official code.
+
+The method is an ``Objective`` (``methods.py``): DINO, iBOT, MoCo v3, SimCLR, BYOL, SimSiam and SwAV build
+their networks and compute their loss there; this loop has no method of its own. Runs in one process or
+under ``torchrun`` (DDP; every rank computes the same EMA, rank 0 writes files). Checkpoints use the
+official full-checkpoint layout (``student`` with ``module.`` prefixes, ``teacher``, ``optimizer``,
+``dino_loss`` / ``ibot_loss``, ``fp16_scaler``) with our own keys beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -31,29 +38,29 @@ from .augment import MultiCropAugmentation, MultiCropConfig
 from .checkpoint import BACKBONE_FORMAT, FORMAT_VERSION, FULL_FORMAT, atomic_save, strip_prefix
 from .config import TrainConfig
 from .data import open_dataset
-from .losses import DINOLoss, IBOTLoss
 from .masking import BlockMaskGenerator
 from .methods import OBJECTIVES
-from .models import BackboneSpec, DINOHead, IBOTHead, MaskedMultiCropWrapper, MultiCropWrapper, build_backbone
+from .models import BackboneSpec
 from .schedules import cosine_scheduler
 from .views import EpochShardSampler, TrainingViews
 
 log = logging.getLogger(__name__)
 
-LOSS_STATE_KEY = {"dino": "dino_loss", "ibot": "ibot_loss"}  # the official checkpoints' names
+DDP_PREFIX = "module."  # the official student is always DistributedDataParallel-wrapped
 
 
 def loss_state_key(method: str) -> str:
-    return LOSS_STATE_KEY.get(method, f"{method}_loss")
+    """The loss entry of a full checkpoint: ``dino_loss`` / ``ibot_loss`` as the official files."""
+    return f"{method}_loss"
 
 
 def backbone_filename(method: str) -> str:
     """The served backbone a run writes: DINO and iBOT serve their teacher; the other methods the network
     they train (MoCo v3 and BYOL: the online encoder, which their papers evaluate)."""
-    return "teacher_backbone.pth" if method in LOSS_STATE_KEY else "backbone.pth"
+    return "teacher_backbone.pth" if OBJECTIVES[method].serves_teacher else "backbone.pth"
 
 
-def _param_groups(model: nn.Module) -> list[dict]:
+def param_groups(model: nn.Module) -> list[dict]:
     """No weight decay on biases and norm parameters (official ``get_params_groups``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -73,61 +80,33 @@ def clip_gradients(model: nn.Module, clip: float) -> None:
                 p.grad.data.mul_(scale)
 
 
-def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
-    if epoch < freeze_last_layer:
-        for name, p in model.named_parameters():
-            if "last_layer" in name:
-                p.grad = None
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_models(cfg: TrainConfig) -> tuple[BackboneSpec, nn.Module, nn.Module]:
-    """Student and teacher (same architecture, teacher without drop-path, equal initial weights)."""
+def build_models(cfg: TrainConfig) -> tuple[BackboneSpec, nn.Module, nn.Module | None]:
+    """The method's student and teacher (or momentum encoder; None without one), equal initial weights."""
     spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
-    ibot = cfg.method == "ibot"
-
-    def network(drop_path_rate: float) -> nn.Module:
-        backbone = build_backbone(BackboneSpec(**{**spec.to_dict(), "drop_path_rate": drop_path_rate}),
-                                  masked_im_modeling=ibot)
-        if ibot:
-            return MaskedMultiCropWrapper(backbone, IBOTHead(
-                spec.embed_dim, cfg.out_dim, cfg.patch_out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                norm_last_layer=cfg.norm_last_layer, shared_head=cfg.shared_head))
-        return MultiCropWrapper(backbone, DINOHead(spec.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                                                   use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer))
-
-    student, teacher = network(spec.drop_path_rate), network(0.0)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
+    student, teacher = OBJECTIVES[cfg.method](cfg).build_networks(spec)
     return spec, student, teacher
 
 
-def teacher_statistics(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> tuple[float, float]:
-    """Collapse indicators of the teacher's centred, sharpened distribution ``(batch, K)``.
-
-    Returns the mean per-image entropy (→ log K when every output is uniform) and the KL divergence of
-    the batch-mean distribution from uniform (→ log K when every image picks the same prototype). DINO's
-    paper (section 5.3) tracks the pair: a healthy run has a low entropy and a high but bounded KL.
-    """
-    probs = F.softmax((teacher_logits.float() - center.float()) / temp, dim=-1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
-    mean = probs.mean(dim=0)
-    kl_uniform = (mean * torch.log(mean.clamp_min(1e-12) * probs.shape[-1])).sum()
-    return float(entropy), float(kl_uniform)
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp16 with a grad scaler on GPUs, as the official recipes (``--use_fp16 true``); fp32 on
+    CPUs. bf16 is an explicit choice (docs/training.md, "Fidelity")."""
     if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 needs a CUDA device (its grad scaler is for GPUs); use fp32 or bf16 on CPU")
     return precision
+
+
+def _with_prefix(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _without_prefix(state: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 class MetricsWriter:
@@ -176,7 +155,8 @@ class MetricsWriter:
 
 
 class Trainer:
-    """Everything one training run needs; :meth:`fit` runs the remaining epochs."""
+    """Everything one training run needs; :meth:`fit` runs the remaining epochs, :meth:`step` one
+    official iteration."""
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -187,9 +167,9 @@ class Trainer:
         if self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        self.objective = OBJECTIVES[cfg.method](cfg) if cfg.method in OBJECTIVES else None
+        self.objective = OBJECTIVES[cfg.method](cfg)
 
-        local_crops = cfg.local_crops_number if self.objective is None or self.objective.multi_crop else 0
+        local_crops = cfg.local_crops_number if self.objective.multi_crop else 0
         augmentation = MultiCropAugmentation(MultiCropConfig(
             cfg.global_size, cfg.local_size, cfg.global_scale, cfg.local_scale, local_crops,
             cfg.color_jitter, cfg.grayscale_p))
@@ -200,7 +180,7 @@ class Trainer:
             raise ValueError(f"dataset has {len(dataset)} images, fewer than one step of {per_step} "
                              f"({cfg.batch_size} per process x {self.rt.world_size} processes)")
         masks = None
-        if cfg.method == "ibot":
+        if self.objective.uses_masks:
             masks = BlockMaskGenerator(cfg.pred_ratio, cfg.pred_ratio_var, cfg.pred_aspect)
         views = TrainingViews(dataset, augmentation, cfg.seed, masks, cfg.global_size // cfg.patch_size,
                               cfg.pred_start_epoch)
@@ -209,11 +189,8 @@ class Trainer:
                                  num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                                  pin_memory=self.device.type == "cuda")
 
-        if self.objective is None:
-            self.spec, self.student, self.teacher = build_models(cfg)
-        else:
-            self.spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
-            self.student, self.teacher = self.objective.build_networks(self.spec)
+        self.spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
+        self.student, self.teacher = self.objective.build_networks(self.spec)
         has_bn = any(isinstance(m, nn.BatchNorm1d) for m in self.student.modules())
         if has_bn and self.rt.distributed and self.device.type == "cuda":
             # Batch statistics over the global batch, as the official code does (SyncBatchNorm is CUDA-only;
@@ -221,44 +198,62 @@ class Trainer:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             if self.teacher is not None:
                 self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        # The official teacher is DDP-wrapped (so its keys carry ``module.``) only when it has BatchNorm.
+        self.teacher_prefix = DDP_PREFIX if has_bn else ""
         self.student.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device)
-        # EMA pairs by name: a momentum encoder has no predictor.
-        student_params = dict(self.student.named_parameters())
-        self.ema_pairs = [(student_params[name], p) for name, p in
-                          (self.teacher.named_parameters() if self.teacher is not None else [])]
+        # EMA pairs by name, in the student's order (official main_ibot.py: the parameters the two share;
+        # a momentum encoder has no predictor, the iBOT teacher no mask token).
+        teacher_params = dict(self.teacher.named_parameters()) if self.teacher is not None else {}
+        self.ema_pairs = [(p, teacher_params[name]) for name, p in self.student.named_parameters()
+                          if name in teacher_params]
         self.student_ddp = self.student
         if self.rt.distributed:
             self.student_ddp = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        epochs = cfg.epochs
-        warmup_temp_epochs = min(cfg.warmup_teacher_temp_epochs, epochs)
-        if self.objective is not None:
-            self.loss_fn = self.objective
-        elif cfg.method == "ibot":
-            self.loss_fn = IBOTLoss(
-                cfg.out_dim, cfg.patch_out_dim, 2, cfg.local_crops_number, cfg.warmup_teacher_temp,
-                cfg.teacher_temp, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp, warmup_temp_epochs,
-                epochs, cfg.student_temp, cfg.center_momentum, cfg.center_momentum, cfg.lambda1, cfg.lambda2,
-                mim_start_epoch=min(cfg.pred_start_epoch, epochs))
-        else:
-            self.loss_fn = DINOLoss(cfg.out_dim, self.ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
-                                    warmup_temp_epochs, epochs, cfg.student_temp, cfg.center_momentum)
-        self.loss_fn.to(self.device)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(_param_groups(self.student), fused=fused)
+        self.objective.to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
+        epochs = cfg.epochs
         self.iters = len(self.loader)
         self.lr_schedule = cosine_scheduler(cfg.lr * per_step / 256.0, cfg.min_lr, epochs, self.iters,
                                             min(cfg.warmup_epochs, epochs))
         self.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, epochs, self.iters)
         self.momentum_schedule = cosine_scheduler(cfg.momentum_teacher, 1.0, epochs, self.iters)
         self.start_epoch = self._resume()
+        self._train_mode()
 
     # -- checkpoints -------------------------------------------------------------------------------
+
+    def official_checkpoint(self) -> dict:
+        """The run's state in the official full-checkpoint layout (``main_dino.py`` / ``main_ibot.py``):
+        ``student`` (keys ``module.backbone.*`` / ``module.head.*``), ``teacher``, ``optimizer``,
+        ``<method>_loss`` (``dino_loss``: the centre; ``ibot_loss``: both centres) and, with fp16,
+        ``fp16_scaler``. The official scripts resume from it; our checkpoint files hold it."""
+        state = {"student": _with_prefix(self.student.state_dict(), DDP_PREFIX),
+                 "optimizer": self.optimizer.state_dict(),
+                 loss_state_key(self.cfg.method): self.objective.loss_state()}
+        if self.teacher is not None:
+            state["teacher"] = _with_prefix(self.teacher.state_dict(), self.teacher_prefix)
+        if self.scaler is not None:
+            state["fp16_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_official_checkpoint(self, ckpt: dict) -> None:
+        """Load a dict in the official full-checkpoint layout (see :meth:`official_checkpoint`; ``module.``
+        prefixes optional) into the student, teacher, loss, optimizer and grad scaler; ``optimizer`` and
+        ``fp16_scaler`` only when present."""
+        self.student.load_state_dict(_without_prefix(ckpt["student"], DDP_PREFIX))
+        if self.teacher is not None:
+            self.teacher.load_state_dict(_without_prefix(ckpt["teacher"], DDP_PREFIX))
+        self.objective.load_loss_state(ckpt[loss_state_key(self.cfg.method)])
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("fp16_scaler"):
+            self.scaler.load_state_dict(ckpt["fp16_scaler"])
 
     def _resume(self) -> int:
         explicit = Path(self.cfg.resume) if self.cfg.resume else None
@@ -273,19 +268,13 @@ class Trainer:
         if state["method"] != self.cfg.method or state["backbone"]["arch"] != self.spec.arch:
             raise ValueError(f"{path} is a {state['method']} run of {state['backbone']['arch']}; this run is "
                              f"{self.cfg.method} of {self.spec.arch}: use another --output or matching options")
-        self.student.load_state_dict(state["student"])
-        if self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loss_fn.load_state_dict(state[loss_state_key(self.cfg.method)])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.load_official_checkpoint(state)
         log.info("resuming from %s after epoch %d", path, state["epoch"])
         return int(state["epoch"])
 
     def _served(self) -> nn.Module:
         """The network whose backbone is served and monitored: see :func:`backbone_filename`."""
-        return self.teacher if self.objective is None else self.student
+        return self.teacher if self.objective.serves_teacher else self.student
 
     def _save(self, epochs_done: int) -> None:
         # Every rank computes the same EMA (without one, DDP keeps the students equal); record each
@@ -297,15 +286,11 @@ class Trainer:
             return
         cfg = self.cfg
         state = {
+            **self.official_checkpoint(), "epoch": epochs_done,
             "format": FULL_FORMAT, "version": FORMAT_VERSION, "method": cfg.method,
-            "backbone": self.spec.to_dict(), "config": asdict(cfg), "epoch": epochs_done,
-            "student": self.student.state_dict(),
-            **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {}),
-            "optimizer": self.optimizer.state_dict(), loss_state_key(cfg.method): self.loss_fn.state_dict(),
+            "backbone": self.spec.to_dict(), "config": asdict(cfg),
             "world_size": self.rt.world_size, f"{kind}_fingerprints": fingerprints,
         }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
         atomic_save(state, self.out / "checkpoint.pth")
         if cfg.saveckp_freq and epochs_done % cfg.saveckp_freq == 0:
             atomic_save(state, self.out / f"checkpoint{epochs_done:04d}.pth")
@@ -318,97 +303,74 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
 
+    def _train_mode(self) -> None:
+        """Both networks in training mode, as the official code leaves them (the teacher too: its
+        BatchNorm, with ``use_bn_in_head``, normalises with batch statistics)."""
+        self.student.train()
+        if self.teacher is not None:
+            self.teacher.train()
+
     def _autocast(self):
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             return torch.autocast(self.device.type, dtype=dtype)
         return nullcontext()
 
-    def _forward_loss(self, crops: list[torch.Tensor], masks: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
-        """Loss of one batch and the teacher statistics; the loss functions update their centres."""
-        if self.objective is not None:
-            return self.objective(self.student_ddp, self.teacher, crops)
-        temp = float(self.loss_fn.teacher_temp_schedule[epoch])
-        if self.cfg.method == "dino":
-            with torch.no_grad():
-                teacher_out = self.teacher(crops[:2])
-            student_out = self.student_ddp(crops)
-            entropy, kl = teacher_statistics(teacher_out, self.loss_fn.center, temp)
-            loss = self.loss_fn(student_out, teacher_out, epoch)
-            return loss, {"teacher_entropy": entropy, "teacher_kl_uniform": kl}
-        global_crops = torch.cat(crops[:2])
-        student_mask = torch.cat([masks[:, 0], masks[:, 1]])  # crop-major, like the crops
-        with torch.no_grad():
-            teacher_cls, teacher_patch, _ = self.teacher(global_crops)
-        student_cls, student_patch, local_cls = self.student_ddp(global_crops, student_mask, crops[2:])
-        entropy, kl = teacher_statistics(teacher_cls, self.loss_fn.center, temp)
-        parts = self.loss_fn((student_cls, student_patch), (teacher_cls, teacher_patch), local_cls,
-                             [masks[:, 0], masks[:, 1]], epoch)
-        return parts["loss"], {"cls_loss": parts["cls"].item(), "patch_loss": parts["patch"].item(),
-                               "teacher_entropy": entropy, "teacher_kl_uniform": kl,
-                               "masked_ratio": float(student_mask.float().mean())}
+    def step(self, crops: list[torch.Tensor], masks: torch.Tensor, epoch: int, it: int) -> dict:
+        """One official training iteration on a batch: ``crops`` (global crops first, each
+        ``(batch, 3, H, W)``), ``masks`` (iBOT: bool ``(batch, 2, h, w)`` on the global crops' patch grid;
+        other methods: an empty ``(batch, 0)``), at iteration ``it`` of ``epoch``.
 
-    def _step(self, crops: list[torch.Tensor], masks: torch.Tensor, epoch: int, it: int) -> dict:
+        Returns the step's metrics: ``step``, ``epoch``, ``loss``, ``lr``, ``wd``, ``momentum`` (with a
+        teacher) and the objective's statistics."""
         step = epoch * self.iters + it
         lr, wd = float(self.lr_schedule[step]), float(self.wd_schedule[step])
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = lr
-            if i == 0:
+            if i == 0:  # only the first group is regularised
                 group["weight_decay"] = wd
         crops = [c.to(self.device, non_blocking=True) for c in crops]
         masks = masks.to(self.device, non_blocking=True)
 
         with self._autocast():
-            loss, stats = self._forward_loss(crops, masks, epoch)
+            loss, stats = self.objective(self.student_ddp, self.teacher, crops, masks, epoch)
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at epoch {epoch}, iteration {it} (rank {self.rt.rank}): training "
                 "diverged. Lower the learning rate, the teacher temperature or the EMA rate, or enable "
                 "gradient clipping (--clip-grad 3.0); resume from the last checkpoint afterwards.")
 
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
+        self.optimizer.zero_grad()
+        if self.scaler is None:
             loss.backward()
-        if self.cfg.clip_grad:
-            clip_gradients(self.student, self.cfg.clip_grad)
-        if self.objective is None:
-            cancel_last_layer_gradients(self.student, epoch, self.cfg.freeze_last_layer)
+            if self.cfg.clip_grad:
+                clip_gradients(self.student, self.cfg.clip_grad)
+            self.objective.on_gradients(self.student, epoch, step)
+            self.optimizer.step()
         else:
-            self.objective.on_gradients(self.student, step)
-        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
+                clip_gradients(self.student, self.cfg.clip_grad)
+            self.objective.on_gradients(self.student, epoch, step)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
 
         row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "wd": wd}
         if self.ema_pairs:
             m = float(self.momentum_schedule[step])
-            with torch.no_grad():  # EMA teacher
+            with torch.no_grad():  # EMA teacher, written as the official update
                 for ps, pt in self.ema_pairs:
-                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+                    pt.data.mul_(m).add_((1 - m) * ps.detach().data)
             row["momentum"] = m
-        if self.objective is None:
-            row["teacher_temp"] = float(self.loss_fn.teacher_temp_schedule[epoch])
-        if self.cfg.method == "ibot":
-            row["teacher_patch_temp"] = float(self.loss_fn.teacher_temp2_schedule[epoch])
         row.update(stats)
         return row
 
     # -- the run -----------------------------------------------------------------------------------
 
     def _columns(self) -> list[str]:
-        if self.objective is not None:
-            momentum = ["momentum"] if self.teacher is not None else []
-            return ["step", "epoch", "loss", "lr", "wd", *momentum, "embedding_std", "images_per_s"]
-        columns = ["step", "epoch", "loss"]
-        if self.cfg.method == "ibot":
-            columns += ["cls_loss", "patch_loss", "masked_ratio", "teacher_patch_temp"]
-        return columns + ["lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "teacher_kl_uniform",
-                          "images_per_s"]
+        momentum = ["momentum"] if self.teacher is not None else []
+        return ["step", "epoch", "loss", "lr", "wd", *momentum, *self.objective.stat_columns, "images_per_s"]
 
     def fit(self) -> Path:
         cfg, main = self.cfg, self.rt.is_main
@@ -426,12 +388,12 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.epochs):
                 self.sampler.set_epoch(epoch)
                 torch.manual_seed(cfg.seed + epoch)  # drop-path draws: a resumed epoch repeats them
-                self.student.train()
+                self._train_mode()
                 bar.set_description(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}")
                 losses, started = [], time.perf_counter()
                 last = started
                 for it, (crops, masks) in enumerate(self.loader):
-                    row = self._step(crops, masks, epoch, it)
+                    row = self.step(crops, masks, epoch, it)
                     now = time.perf_counter()  # data loading included: what the run really sustains
                     row["images_per_s"], last = images_per_step / (now - last), now
                     losses.append(row["loss"])
@@ -462,11 +424,11 @@ class Trainer:
         one warm-up step; they train the networks and write nothing. For sizing a run to a time budget.
         ``clock``: wall-clock by default; ``time.process_time`` counts this process's CPU time only (data
         loading included with ``num_workers`` 0), whatever else the machine runs."""
-        self.student.train()
+        self._train_mode()
         self.sampler.set_epoch(0)
         times, last = [], clock()
         for it, (crops, masks) in zip(range(steps + 1), self.loader):
-            self._step(crops, masks, 0, it)
+            self.step(crops, masks, 0, it)
             now = clock()
             times.append(now - last)
             last = now

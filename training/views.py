@@ -18,8 +18,13 @@ from .augment import MultiCropAugmentation
 from .masking import BlockMaskGenerator
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+AUGMENTATION_STREAM, MASK_STREAM = 0, 1
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int = AUGMENTATION_STREAM) -> int:
+    """The seed of one sample's random stream: the augmentation's, or (``MASK_STREAM``) the iBOT masks',
+    drawn independently of each other (the official loader draws masks from its own calls)."""
+    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1)[0])
 
 
 class EpochShardSampler(Sampler):
@@ -85,5 +90,5 @@ class TrainingViews(Dataset):
         g = self.mask_grid
         if epoch < self.pred_start_epoch:
             return crops, torch.zeros(2, g, g, dtype=torch.bool)
-        rng = random.Random(seed)
+        rng = random.Random(sample_seed(self.seed, epoch, index, MASK_STREAM))
         return crops, torch.from_numpy(np.stack([self.masks(g, g, rng) for _ in range(2)]))

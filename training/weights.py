@@ -16,9 +16,9 @@ Unpickling runs code, so ``.pth`` files are read with ``torch.load(weights_only=
 tensors and builtins only; the one extra type allowed is ``argparse.Namespace``, the ``args`` of the
 official full checkpoints. A file needing anything else is refused, never loaded.
 
-Position embeddings of official-layout weights are interpolated as the official code does
-(``official_vit.py``); timm-layout weights keep timm's resample. The choice is made here and recorded in
-the model card.
+Position embeddings of official-layout weights, ours included (we train with the official rule), are
+interpolated as the official code does (``official_vit.py``); timm-layout weights keep timm's resample.
+The choice is made here and recorded in the model card.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class LoadedBackbone:
 
     @property
     def pos_interpolation(self) -> str:
-        return getattr(self.spec, "pos_interpolation", "timm")
+        """Our own backbones (``BackboneSpec``) are trained and served with the official rule."""
+        return getattr(self.spec, "pos_interpolation", "official")
 
 
 def read_file(path: Path) -> object:
@@ -159,7 +160,7 @@ def load_checkpoint(path: Path, checkpoint_key: str = "teacher", num_heads: int 
 
 
 def _load_own(path: Path, state: dict, checkpoint_key: str) -> LoadedBackbone:
-    """Our own checkpoints carry their spec; weights as trained with timm's resample."""
+    """Our own checkpoints carry their spec; weights as trained (official position-embedding rule)."""
     if state["format"] == BACKBONE_FORMAT:
         weights, used_key = state["state_dict"], None
     else:

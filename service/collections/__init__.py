@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..settings import STORE_FORMS
 from .base import (
     NAME_PATTERN, CollectionInfo, Hit, IndexConfig, Item, ItemFilter, ItemPage, UpsertResult, VectorStore,
     check_name,
 )
-
-STORE_FORMS = "'embedded', 'qdrant://HOST:PORT' or 'qdrant-local'"
 
 __all__ = [
     "NAME_PATTERN", "STORE_FORMS", "CollectionInfo", "Hit", "IndexConfig", "Item", "ItemFilter", "ItemPage",
@@ -18,7 +17,7 @@ __all__ = [
 
 
 def open_store(spec: str, data_dir: Path) -> VectorStore:
-    """The store a ``vector_store`` setting names.
+    """The store a ``vector_store`` setting names (its form is checked by :class:`service.settings.Settings`).
 
     ``embedded`` (default): SQLite + FAISS in ``DATA_DIR/collections``. ``qdrant://HOST:PORT`` (or
     ``qdrants://`` for TLS): a Qdrant server's REST endpoint. ``qdrant-local``: qdrant-client's local

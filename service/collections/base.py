@@ -3,7 +3,7 @@ optional label and JSON metadata, searched by cosine similarity.
 
 One interface, one module per engine (``embedded``: SQLite + FAISS in a data directory; ``qdrant``: a
 Qdrant server, or qdrant-client's local mode). Errors are :class:`~service.errors.ApiError` with the
-statuses of DESIGN.md (404 unknown collection or id, 409 existing collection, 422 bad vectors), so the
+statuses of docs/api.md (404 unknown collection or id, 409 existing collection, 422 bad vectors), so the
 API passes them through unchanged.
 """
 

@@ -19,7 +19,7 @@ from .base import IndexConfig
 from ..knn import nearest
 
 # faiss 1.15 computes inner products of query batches below this size without BLAS, which made
-# exact search 16x slower for single queries on 2 cores (DESIGN.md, measured facts).
+# exact search much slower for single queries (docs/benchmarks.md, "Retrieval").
 faiss.cvar.distance_compute_blas_threshold = 20
 COMPACT_FRACTION = 0.2
 

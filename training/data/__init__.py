@@ -8,22 +8,34 @@ from .folder import (
     open_dataset,
 )
 from .synthetic import (
+    BACKGROUND_GROUPS,
+    BACKGROUND_KINDS,
     BACKGROUNDS,
+    CLASS_GROUPS,
     CLASSES,
     MIN_SIDE,
+    SHAPES,
+    UNSEEN_CLASSES,
     SyntheticSample,
     SyntheticShapes,
     make_sample,
     mask_root,
+    parse_backgrounds,
+    parse_classes,
     parse_size,
     write_dataset,
 )
 
 __all__ = [
+    "BACKGROUND_GROUPS",
+    "BACKGROUND_KINDS",
     "BACKGROUNDS",
+    "CLASS_GROUPS",
     "CLASSES",
     "IMAGE_EXTENSIONS",
     "MIN_SIDE",
+    "SHAPES",
+    "UNSEEN_CLASSES",
     "SYNTHETIC_SPEC_FORMAT",
     "ImageFolder",
     "SyntheticSample",
@@ -32,6 +44,8 @@ __all__ = [
     "make_sample",
     "mask_root",
     "open_dataset",
+    "parse_backgrounds",
+    "parse_classes",
     "parse_size",
     "write_dataset",
 ]

@@ -10,13 +10,17 @@ from typing import IO, Any
 
 from PIL import Image, ImageOps
 
-from .synthetic import BACKGROUNDS, SyntheticShapes
+from .synthetic import BACKGROUND_GROUPS, BACKGROUND_KINDS, BACKGROUNDS, CLASS_GROUPS, CLASSES, SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
-SYNTHETIC_SPEC_FORMAT = ("synthetic:N[:SIZE[:SEED[:BACKGROUNDS]]] with SIZE an int or WIDTHxHEIGHT and "
-                         "BACKGROUNDS kinds joined by + (gradient, noise, stripes, checker; default all)")
-_SYNTHETIC_SPEC = re.compile(r"synthetic:(\d+)(?::(\d+)(?:x(\d+))?(?::(\d+)(?::([a-z+]+))?)?)?")
+SYNTHETIC_SPEC_FORMAT = (
+    "synthetic:N[:SIZE[:SEED[:BACKGROUNDS[:CLASSES]]]] with SIZE an int or WIDTHxHEIGHT, BACKGROUNDS kinds "
+    f"({', '.join(BACKGROUND_KINDS)}) or groups ({', '.join(BACKGROUND_GROUPS)}) joined by + (default "
+    f"{'+'.join(BACKGROUNDS)}) and CLASSES shapes or groups ({', '.join(CLASS_GROUPS)}) joined by + (default "
+    f"seen: {'+'.join(CLASSES)})")
+_SYNTHETIC_SPEC = re.compile(
+    r"synthetic:(\d+)(?::(\d+)(?:x(\d+))?(?::(\d+)(?::([a-z+]+)(?::([a-z+]+))?)?)?)?")
 
 
 def load_image(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
@@ -92,7 +96,7 @@ def open_dataset(
     spec: str | os.PathLike[str],
     transform: Callable[[Image.Image], Any] | None = None,
 ) -> SyntheticShapes | ImageFolder:
-    """``synthetic:N[:SIZE[:SEED[:BACKGROUNDS]]]`` gives SyntheticShapes, anything else ImageFolder."""
+    """``synthetic:N[:SIZE[:SEED[:BACKGROUNDS[:CLASSES]]]]`` gives SyntheticShapes, anything else ImageFolder."""
     if not (isinstance(spec, str) and spec.split(":", 1)[0] == "synthetic"):
         return ImageFolder(spec, transform)
     match = _SYNTHETIC_SPEC.fullmatch(spec)
@@ -100,12 +104,13 @@ def open_dataset(
         raise ValueError(
             f"malformed dataset spec {spec!r}; expected {SYNTHETIC_SPEC_FORMAT}, N >= 1"
         )
-    n, width, height, seed, backgrounds = match.groups()
+    n, width, height, seed, backgrounds, classes = match.groups()
     size: int | tuple[int, int] = 128
     if width is not None:
         size = int(width) if height is None else (int(width), int(height))
     try:
         kinds = BACKGROUNDS if backgrounds is None else tuple(backgrounds.split("+"))
-        return SyntheticShapes(int(n), size, int(seed or 0), transform, kinds)
+        shapes = CLASSES if classes is None else tuple(classes.split("+"))
+        return SyntheticShapes(int(n), size, int(seed or 0), transform, kinds, shapes)
     except ValueError as error:
         raise ValueError(f"bad dataset spec {spec!r}: {error}") from error

@@ -1,10 +1,17 @@
 """Deterministic synthetic images of labelled shapes with exact object masks.
 
-Each sample is a pure function of ``(index, size, seed)``: one filled shape
-(the class) at a random scale, rotation and position, on a gradient, noise,
-stripe or checker background, plus mild pixel noise. Object and background
-colours are drawn from the same class-independent distribution, so only the
-geometry tells the classes apart.
+Each sample is a pure function of ``(index, size, seed, backgrounds, classes)``: one filled shape (the
+class) at a random scale, rotation and position, on a background of one of the allowed kinds, plus mild
+pixel noise. Object and background colours are drawn from the same class-independent distribution, so
+only the geometry tells the classes apart.
+
+Kinds of background: the four procedural ``BACKGROUNDS`` (gradient, noise, stripes, checker: the
+default), two more procedural ones (``waves``, ``cells``), and crops of photographs bundled with
+scikit-image, from two disjoint sets of pictures (``photo`` and ``testphoto``). The groups ``train`` and
+``test`` split them so that a test set can be drawn on backgrounds no training image had.
+
+Shapes: ``CLASSES`` are the six classes models train on (the default); ``UNSEEN_CLASSES`` are two more,
+kept out of training, to ask whether features that learned "shape" tell apart shapes they never saw.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import operator
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -22,7 +30,24 @@ from PIL import Image, ImageDraw
 # Alphabetical, so that the labels ImageFolder assigns (sorted sub-folder
 # names) to a dataset written by write_dataset equal the generator's labels.
 CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "triangle")
+UNSEEN_CLASSES: tuple[str, ...] = ("arrow", "crescent")  # never in a training set: "seen" is the default
+SHAPES: tuple[str, ...] = tuple(sorted(CLASSES + UNSEEN_CLASSES))
+CLASS_GROUPS: dict[str, tuple[str, ...]] = {"seen": CLASSES, "unseen": UNSEEN_CLASSES, "all": SHAPES}
+
+# The default kinds; every sample drawn from them is what it was before the other kinds existed.
 BACKGROUNDS: tuple[str, ...] = ("gradient", "noise", "stripes", "checker")
+BACKGROUND_KINDS: tuple[str, ...] = BACKGROUNDS + ("waves", "cells", "photo", "testphoto")
+BACKGROUND_GROUPS: dict[str, tuple[str, ...]] = {
+    "classic": BACKGROUNDS,
+    "train": BACKGROUNDS + ("photo",),
+    "test": ("waves", "cells", "testphoto"),  # nothing in common with "train"
+}
+# scikit-image's bundled pictures (skimage.data), split in two; grey ones are tinted with two random colours.
+PHOTOS: dict[str, tuple[str, ...]] = {
+    "photo": ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "immunohistochemistry",
+              "moon", "rocket"),
+    "testphoto": ("clock", "gravel", "hubble_deep_field", "page", "retina", "stereo_motorcycle"),
+}
 
 MIN_SIDE = 16  # below this the smallest shapes shrink to a handful of pixels
 _SUPERSAMPLE = 4  # per axis; coverage is counted on this finer grid
@@ -32,6 +57,9 @@ _MIN_MEAN_DISTANCE = 60.0  # RGB distance, object colour vs mean background
 _MIN_PIXEL_DISTANCE = 40.0  # RGB distance, object colour vs most background pixels
 _COLOUR_TRIES = 64
 _PIXEL_NOISE_RANGE = (2.0, 6.0)  # std of the added Gaussian noise, in 0..255 units
+_PHOTO_CROP_RANGE = (0.3, 1.0)  # side of a photo crop / the largest crop of the image's aspect that fits
+_CELL_COUNT_RANGE = (6, 30)  # Voronoi cells of a "cells" background
+_WAVE_COUNT = 3  # plane waves summed in a "waves" background
 
 Size = int | tuple[int, int]
 
@@ -88,6 +116,15 @@ def _outline(class_name: str, ring_inner: float) -> list[tuple[np.ndarray, int]]
             [quarter @ np.linalg.matrix_power(quarter_turn, k).T for k in range(4)]
         )
         return [(points / math.hypot(1, a), 1)]
+    if class_name == "arrow":
+        shaft, head, neck = 0.22, 0.55, 0.15  # half-widths of shaft and head; x where the head starts
+        points = np.array([(-1.0, -shaft), (neck, -shaft), (neck, -head), (1.0, 0.0), (neck, head),
+                           (neck, shaft), (-1.0, shaft)])
+        return [(points / math.hypot(1, shaft), 1)]
+    if class_name == "crescent":
+        # A disc less a larger disc shifted sideways; the shift follows the same draw as the ring's hole.
+        hole = _regular_polygon(180, 0.85) + np.array([ring_inner, 0.0])
+        return [(_regular_polygon(180), 1), (hole, 0)]
     raise ValueError(f"unknown class {class_name!r}")
 
 
@@ -114,12 +151,45 @@ def _smooth_noise(rng: np.random.Generator, width: int, height: int, cell: float
     return np.asarray(grid.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
 
 
+@lru_cache(maxsize=None)
+def _photo(name: str) -> Image.Image:
+    """One of scikit-image's bundled pictures (RGB or L), loaded once per process."""
+    try:
+        import skimage.data
+    except ImportError as error:  # an install without the train extra
+        raise ImportError("photo backgrounds need scikit-image (pip install 'dinoserve[train]')") from error
+    pixels = getattr(skimage.data, name)()
+    if name == "stereo_motorcycle":  # (left, right, disparity): the left view
+        pixels = pixels[0]
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def _photo_crop(rng: np.random.Generator, width: int, height: int, names: tuple[str, ...],
+                colours: np.ndarray) -> np.ndarray:
+    """A random crop of a random picture of ``names`` at the image's aspect, resized to it, maybe mirrored;
+    colour pictures get their channels shuffled, grey ones map black..white onto ``colours[0]..colours[1]``."""
+    photo = _photo(names[int(rng.integers(len(names)))])
+    scale = min(photo.width / width, photo.height / height) * rng.uniform(*_PHOTO_CROP_RANGE)
+    crop_w, crop_h = width * scale, height * scale
+    left, top = rng.uniform(0, photo.width - crop_w), rng.uniform(0, photo.height - crop_h)
+    order, mirror = rng.permutation(3), rng.random() < 0.5
+    crop = photo.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    pixels = np.asarray(crop, dtype=np.float32)
+    if mirror:
+        pixels = pixels[:, ::-1]
+    if pixels.ndim == 2:
+        return colours[0] + (pixels / 255)[..., None] * (colours[1] - colours[0])
+    return np.ascontiguousarray(pixels[..., order])
+
+
 def _background(rng: np.random.Generator, width: int, height: int,
                 kinds: tuple[str, ...]) -> tuple[str, np.ndarray]:
     kind = kinds[int(rng.integers(len(kinds)))]
     colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     period = max(2.0, rng.uniform(0.06, 0.2) * min(width, height))
+    if kind in PHOTOS:
+        return kind, _photo_crop(rng, width, height, PHOTOS[kind], colours)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     u = xx * math.cos(angle) + yy * math.sin(angle)
     v = yy * math.cos(angle) - xx * math.sin(angle)
@@ -129,6 +199,23 @@ def _background(rng: np.random.Generator, width: int, height: int,
         t = np.floor(u / period) % 2
     elif kind == "checker":
         t = (np.floor(u / period) + np.floor(v / period)) % 2
+    elif kind == "waves":
+        # Plane waves of random direction, wavelength (from the stripes' period up to 3x it) and phase.
+        t = np.zeros_like(u)
+        for _ in range(_WAVE_COUNT):
+            direction = rng.uniform(0, 2 * math.pi)
+            wavelength = period * rng.uniform(1.0, 3.0)
+            t += np.sin(2 * math.pi * (xx * math.cos(direction) + yy * math.sin(direction)) / wavelength
+                        + rng.uniform(0, 2 * math.pi))
+    elif kind == "cells":
+        # Voronoi mosaic: each cell a random level, shaded darker towards its edges.
+        count = int(rng.integers(_CELL_COUNT_RANGE[0], _CELL_COUNT_RANGE[1] + 1))
+        sites = rng.uniform(0, 1, size=(count, 2)).astype(np.float32) * np.array([width, height], np.float32)
+        levels = rng.uniform(0, 1, size=count).astype(np.float32)
+        distance = np.hypot(xx[..., None] - sites[:, 0], yy[..., None] - sites[:, 1])
+        nearest = np.partition(distance, 1, axis=-1)[..., :2]  # at least 6 sites: nearest two
+        edge = np.clip((nearest[..., 1] - nearest[..., 0]) / period, 0, 1)
+        t = levels[distance.argmin(axis=-1)] * (0.6 + 0.4 * edge)
     else:
         coarse = _smooth_noise(rng, width, height, rng.uniform(0.12, 0.35) * min(width, height))
         fine = _smooth_noise(rng, width, height, rng.uniform(1.5, 4.0))
@@ -155,30 +242,48 @@ def _object_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarr
     return best
 
 
-def parse_backgrounds(backgrounds: Sequence[str]) -> tuple[str, ...]:
-    """Validate a non-empty selection of BACKGROUNDS, returned in BACKGROUNDS order."""
-    unknown = sorted(set(backgrounds) - set(BACKGROUNDS))
-    if unknown or not backgrounds:
-        raise ValueError(f"backgrounds must be a non-empty selection of {', '.join(BACKGROUNDS)}, "
-                         f"got {'+'.join(backgrounds) or 'none'}")
-    return tuple(kind for kind in BACKGROUNDS if kind in backgrounds)
+def _select(names: Sequence[str] | str, universe: Sequence[str], groups: dict[str, tuple[str, ...]],
+            what: str) -> set[str]:
+    """The members of ``universe`` a non-empty selection of them and of ``groups`` (each standing for its
+    members) names; a ValueError naming ``what`` otherwise."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    chosen = {member for name in names for member in groups.get(name, (name,))}
+    if set(chosen) - set(universe) or not names:
+        raise ValueError(f"{what} must be a non-empty selection of {', '.join(universe)} or the groups "
+                         f"{', '.join(groups)}, got {'+'.join(names) or 'none'}")
+    return chosen
+
+
+def parse_backgrounds(backgrounds: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate a selection of BACKGROUND_KINDS and BACKGROUND_GROUPS; returns the kinds in BACKGROUND_KINDS
+    order."""
+    chosen = _select(backgrounds, BACKGROUND_KINDS, BACKGROUND_GROUPS, "backgrounds")
+    return tuple(kind for kind in BACKGROUND_KINDS if kind in chosen)
+
+
+def parse_classes(classes: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate a selection of SHAPES and CLASS_GROUPS; returns the shapes sorted, the order of
+    ImageFolder's labels."""
+    return tuple(sorted(_select(classes, SHAPES, CLASS_GROUPS, "classes")))
 
 
 def make_sample(index: int, size: Size = 128, seed: int = 0,
-                backgrounds: Sequence[str] = BACKGROUNDS) -> SyntheticSample:
-    """Generate sample ``index``; the class is ``index % len(CLASSES)``.
+                backgrounds: Sequence[str] = BACKGROUNDS, classes: Sequence[str] = CLASSES) -> SyntheticSample:
+    """Generate sample ``index``; its label is ``index % len(classes)``, its class ``classes[label]``.
 
-    ``size`` is an int (square) or ``(width, height)``; ``backgrounds`` restricts the background kinds
-    drawn from (all by default). The result depends only on ``(index, size, seed, backgrounds)``, byte
-    for byte; with every kind allowed it is the same as before the option existed.
+    ``size`` is an int (square) or ``(width, height)``; ``backgrounds`` are the background kinds (or
+    groups) drawn from, the four ``BACKGROUNDS`` by default; ``classes`` the shapes (or groups), sorted,
+    ``CLASSES`` by default. The result depends only on ``(index, size, seed, backgrounds, classes)``, byte
+    for byte; with the defaults it is the same as before those options existed.
     """
     kinds = parse_backgrounds(backgrounds)
+    shapes = parse_classes(classes)
     index, seed = operator.index(index), operator.index(seed)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be non-negative, got {index} and {seed}")
     width, height = parse_size(size)
     rng = np.random.default_rng([seed, index])
-    label = index % len(CLASSES)
+    label = index % len(shapes)
 
     kind, background = _background(rng, width, height, kinds)
     colour = _object_colour(rng, background)
@@ -195,20 +300,18 @@ def make_sample(index: int, size: Size = 128, seed: int = 0,
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     polygons = [
         (points @ rotation.T * radius + centre, inside)
-        for points, inside in _outline(CLASSES[label], ring_inner)
+        for points, inside in _outline(shapes[label], ring_inner)
     ]
     coverage = _coverage(polygons, width, height)
     alpha = coverage[..., None]
     pixels = background * (1 - alpha) + colour * alpha
     pixels += noise_std * rng.standard_normal(size=pixels.shape, dtype=np.float32)
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    return SyntheticSample(image, label, CLASSES[label], coverage >= 0.5, kind)
+    return SyntheticSample(image, label, shapes[label], coverage >= 0.5, kind)
 
 
 class SyntheticShapes:
-    """Map-style dataset of ``n`` synthetic samples; items are ``(image, label)``."""
-
-    classes: tuple[str, ...] = CLASSES
+    """Map-style dataset of ``n`` synthetic samples; items are ``(image, label)``, labels index ``classes``."""
 
     def __init__(
         self,
@@ -217,9 +320,11 @@ class SyntheticShapes:
         seed: int = 0,
         transform: Callable[[Image.Image], Any] | None = None,
         backgrounds: Sequence[str] = BACKGROUNDS,
+        classes: Sequence[str] = CLASSES,
     ) -> None:
         self.n = operator.index(n)
         self.backgrounds = parse_backgrounds(backgrounds)
+        self.classes: tuple[str, ...] = parse_classes(classes)
         self.seed = operator.index(seed)
         if self.n < 0 or self.seed < 0:
             raise ValueError(f"n and seed must be non-negative, got {self.n} and {self.seed}")
@@ -235,7 +340,7 @@ class SyntheticShapes:
             i += self.n
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} samples")
-        return make_sample(i, self.size, self.seed, self.backgrounds)
+        return make_sample(i, self.size, self.seed, self.backgrounds, self.classes)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         sample = self.sample(i)
@@ -256,6 +361,8 @@ def write_dataset(
     seed: int = 0,
     masks: bool = True,
     progress: bool = True,
+    backgrounds: Sequence[str] = BACKGROUNDS,
+    classes: Sequence[str] = CLASSES,
 ) -> pathlib.Path:
     """Write ``root/<class>/<index:06d>.png`` (and 0/255 masks under mask_root).
 
@@ -264,7 +371,7 @@ def write_dataset(
     leftovers from an earlier run would silently join the dataset.
     """
     root = pathlib.Path(root)
-    dataset = SyntheticShapes(n, size, seed)
+    dataset = SyntheticShapes(n, size, seed, backgrounds=backgrounds, classes=classes)
     targets = [root] + ([mask_root(root)] if masks else [])
     for target in targets:
         if target.exists() and any(target.iterdir()):
