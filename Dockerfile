@@ -22,8 +22,10 @@ WORKDIR /src
 RUN python -m venv /opt/dinoserve
 COPY deploy/constraints.txt deploy/constraints.txt
 COPY pyproject.toml README.md ./
+# The gateway's packages only: the command line, the shared core and the service (no trainer, no torch).
+COPY core/ core/
+COPY dinoserve/ dinoserve/
 COPY service/ service/
-COPY training/ training/
 # A regular (not editable) install: the venv alone is copied into the final stage.
 RUN /opt/dinoserve/bin/pip install --no-cache-dir --constraint deploy/constraints.txt ".[serve]"
 
@@ -60,6 +62,8 @@ COPY deploy/constraints.txt deploy/constraints.txt
 RUN /opt/dinoserve/bin/pip install --no-cache-dir --constraint deploy/constraints.txt \
         torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
+COPY core/ core/
+COPY dinoserve/ dinoserve/
 COPY service/ service/
 COPY training/ training/
 RUN /opt/dinoserve/bin/pip install --no-cache-dir --constraint deploy/constraints.txt ".[all]"

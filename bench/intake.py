@@ -44,8 +44,8 @@ import numpy as np
 from PIL import Image
 
 from service.images import decode_for_embedding, embedding_input
-from service.model_card import ModelCard, Preprocess, latest_model_file
-from training.data.synthetic import make_sample
+from core.model_card import ModelCard, Preprocess, latest_model_file
+from core.synthetic import make_sample
 
 MAX_PIXELS = 10**9
 # scikit-image's bundled colour photographs (no download): name → skimage.data function

@@ -13,7 +13,8 @@ steps will not learn them from DINO's self-distillation in N steps either.
 - ``ARCH/PATCH+conv``: the same ViT with its patch projection (one PATCH x PATCH convolution of stride PATCH)
   replaced by a convolutional stem of the same stride, as Xiao et al., *Early Convolutions Help Transformers
   See Better* (NeurIPS 2021): log2(PATCH) 3x3 convolutions of stride 2 (channels doubling up to the
-  embedding width / 2, BatchNorm + ReLU) and a 1x1 projection to the embedding width.
+  embedding width / 2, BatchNorm + ReLU) and a 1x1 projection to the embedding width. It is the trainer's
+  ``--stem conv`` (``training.models.conv_stem``; PATCH a power of two, at least 4).
 
 Training images are samples ``0..N-1`` of seed 5 on ``--backgrounds`` (default ``classic``, the four kinds
 the figures in docs/training.md were measured on; ``train``: those and the ``photo`` pictures), validation
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data.synthetic import CLASSES, make_sample, parse_backgrounds
+from core.synthetic import CLASSES, make_sample, parse_backgrounds
 from training.models import BackboneSpec, build_backbone
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -67,26 +68,11 @@ def build(name: str, size: int) -> nn.Module:
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, len(CLASSES)))
     name, plus, stem = name.partition("+")
     arch, _, patch = name.partition("/")
-    spec = BackboneSpec.from_arch(arch, int(patch or 16), size)
-    vit = build_backbone(spec)
-    if plus:
-        if stem != "conv":
-            raise ValueError(f"unknown stem {stem!r}; ARCH/PATCH+conv is the convolutional one")
-        vit.patch_embed.proj = conv_stem(spec.patch_size, spec.embed_dim)
-    return nn.Sequential(vit, nn.Linear(spec.embed_dim, len(CLASSES)))
-
-
-def conv_stem(patch: int, dim: int) -> nn.Sequential:
-    """Stride-``patch`` stem: 3x3 stride-2 convolutions (BatchNorm, ReLU), then a 1x1 projection to ``dim``."""
-    steps = patch.bit_length() - 1
-    if patch < 2 or 1 << steps != patch:
-        raise ValueError(f"a convolutional stem needs a power-of-two patch size, not {patch}")
-    layers, cin = [], 3
-    for i in range(steps):
-        cout = max(16, dim // 2 >> (steps - 1 - i))
-        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        cin = cout
-    return nn.Sequential(*layers, nn.Conv2d(cin, dim, 1))
+    if plus and stem != "conv":
+        raise ValueError(f"unknown stem {stem!r}; ARCH/PATCH+conv is the convolutional one")
+    # The trainer's backbone option (``--stem conv``, training.models.conv_stem).
+    spec = BackboneSpec.from_arch(arch, int(patch or 16), size, stem="conv" if plus else "patch")
+    return nn.Sequential(build_backbone(spec), nn.Linear(spec.embed_dim, len(CLASSES)))
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Quality: mean IoU (Jaccard) of each foreground method against the exact object m
 synthetic images (``make_sample(index, seed=--seed, backgrounds=--backgrounds, classes=--classes)``; the
 demo model trained on seed 0 with the ``train`` backgrounds, so ``--backgrounds test`` draws only kinds and
 photographs it never saw), for a checkpoint and for the same architecture freshly initialised. The masks
-come from the functions the endpoint uses (``service.segmentation``), at the endpoint's geometry (shorter
+come from the functions the endpoint uses (``core.segmentation``), at the endpoint's geometry (shorter
 side ``--size``, masks back at the image size); the model runs in PyTorch through the exported graph
 (``training.export.BundleGraph``, the module ``dinoserve export`` writes to ONNX; onnxruntime agrees with it
 to ~1e-5).

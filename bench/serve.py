@@ -60,7 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.embedded_triton import free_port
 from service.images import decode_for_embedding, embedding_input
-from service.model_card import ModelCard, latest_model_file
+from core.model_card import ModelCard, latest_model_file
 from service.triton_model import session_options
 from service.settings import Settings
 from training.data import make_sample

@@ -1,3 +1,5 @@
-"""dinoserve gateway: HTTP in front of Triton. Never imports torch."""
+"""dinoserve gateway: HTTP in front of Triton. Never imports torch, nor the trainer."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -16,6 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.model_card import ModelCard
+
 from . import __version__
 from .auth import ApiKeys, access_control
 from .collections import open_store
@@ -25,7 +27,6 @@ from .demo_samples import fill_demo_collection
 from .errors import ApiError, too_large
 from .inference import Inference
 from .metrics import GatewayMetrics
-from .model_card import ModelCard
 from .observability import ObservabilityMiddleware
 from .request_body import ERROR_RESPONSES, BodySizeLimit, body_kind, decode_base64, read_form, read_json, validate
 from .schemas import EmbeddingsRequest, EmbeddingsResponse, ErrorResponse

@@ -19,17 +19,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
+from core.knn import label_shares
+from core.model_card import ModelCard
+
 from .auth import Access
 from .collections import NAME_PATTERN, CollectionInfo, Hit, IndexConfig, Item, ItemFilter, VectorStore, check_name
 from .collections_schemas import (
-    MAX_K, AddItemsRequest, AddItemsResponse, Classification, ClassifyRequest, ClassifyResponse, ClassScore,
-    CollectionList, CollectionResponse, CreateCollectionRequest, HnswOptions, ItemId, ItemList, ItemResponse,
-    ItemSummary, Label, SearchFilter, SearchHit, SearchRequest, SearchResponse, SearchResults,
+    MAX_K,
+    AddItemsRequest,
+    AddItemsResponse,
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassScore,
+    CollectionList,
+    CollectionResponse,
+    CreateCollectionRequest,
+    HnswOptions,
+    ItemId,
+    ItemList,
+    ItemResponse,
+    ItemSummary,
+    Label,
+    SearchFilter,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    SearchResults,
 )
 from .errors import ApiError, too_large
 from .inference import Inference
-from .knn import label_shares
-from .model_card import ModelCard
 from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate, validation_error
 from .schemas import ErrorResponse
 from .settings import Settings

@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from .knn import DEFAULT_K, DEFAULT_TEMPERATURE
+from core.knn import DEFAULT_K, DEFAULT_TEMPERATURE
+
 from .schemas import ImageData
 
 MAX_K = 1000

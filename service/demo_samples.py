@@ -16,13 +16,14 @@ from functools import lru_cache
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from training.data import CLASSES, make_sample
+from core.model_card import ModelCard
+from core.synthetic import CLASSES, make_sample
+from core.transform import preprocess
 
 from .collections import IndexConfig, Item, VectorStore, check_name
 from .collections.base import normalized
 from .errors import ApiError
-from .images import decode_image, preprocess
-from .model_card import ModelCard
+from .images import decode_image
 from .triton_backend import TritonBackend
 
 log = logging.getLogger(__name__)

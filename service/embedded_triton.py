@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .model_card import OUTPUT_NAMES, ModelCard, latest_model_file
+from core.model_card import OUTPUT_NAMES, ModelCard, latest_model_file
 
 log = logging.getLogger(__name__)
 

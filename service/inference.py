@@ -10,10 +10,11 @@ import anyio
 import numpy as np
 from PIL import Image
 
+from core.model_card import ModelCard
+
 from .images import decode_for_embedding, decode_image, embedding_input
 from .limits import InflightLimit
 from .metrics import GatewayMetrics
-from .model_card import ModelCard
 from .settings import Settings
 from .triton_backend import TritonBackend
 

@@ -7,12 +7,13 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from core.model_card import ModelCard
+from core.segmentation import MAX_GRAPH_PATCHES, MAX_SIZE, model_input_size, render_outputs, segmentation_input
+
 from .errors import ApiError
 from .inference import Inference
-from .model_card import ModelCard
 from .request_body import ERROR_RESPONSES, body_kind, decode_base64, read_form, read_json, validate
 from .schemas import SegmentOptions, SegmentRequest, SegmentResponse
-from .segmentation import MAX_GRAPH_PATCHES, MAX_SIZE, model_input_size, render_outputs, segmentation_input
 from .settings import Settings
 
 FILE_FIELDS = ("image", "images")

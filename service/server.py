@@ -6,10 +6,11 @@ import logging
 
 import uvicorn
 
+from core.model_card import ModelCard
+
 from .app import create_app
 from .auth import Scope, gateway_keys
 from .embedded_triton import EmbeddedTriton
-from .model_card import ModelCard
 from .observability import configure_logging
 from .settings import Settings, SettingsError
 from .triton_backend import TritonBackend

@@ -16,8 +16,9 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
+from core.model_card import ModelCard
+
 from .errors import ApiError, not_ready
-from .model_card import ModelCard
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from collections_helpers import BACKENDS, b64, fast_data_dir, jpeg, start_gateway, unit
-from service.knn import class_votes, label_shares, rank_classes
+from core.knn import class_votes, label_shares, rank_classes
 from training.evaluate import knn_classifier
 
 DIM = 96

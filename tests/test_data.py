@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core import synthetic
 from training.data import (
     BACKGROUND_GROUPS,
     BACKGROUND_KINDS,
@@ -24,7 +25,6 @@ from training.data import (
     make_sample,
     mask_root,
     open_dataset,
-    synthetic,
     write_dataset,
 )
 

@@ -20,7 +20,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from serving import Server
 from service.collections import IndexConfig, Item, open_store
 from service.demo_samples import COLLECTION_SAMPLES, SIZE, picker_samples
-from service.model_card import ModelCard
+from core.model_card import ModelCard
 from training.data import CLASSES, make_sample
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -130,7 +130,7 @@ def test_triton_config_parses_as_triton_model_config_with_a_bounded_queue_and_wa
 
 
 def test_a_new_export_rolls_out_as_the_next_version_and_the_newest_is_served(trained_run, tmp_path):
-    from service.model_card import latest_model_file, model_versions
+    from core.model_card import latest_model_file, model_versions
     from training.export import ExportOptions, export_bundle
 
     repository = tmp_path / "repository"

@@ -9,8 +9,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from service.errors import ApiError
-from service.images import decode_image, preprocess
-from service.model_card import Preprocess
+from core.transform import preprocess
+from service.images import decode_image
+from core.model_card import Preprocess
 
 DINO_EVAL = T.Compose([
     T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
@@ -99,6 +100,6 @@ def test_torch_is_not_imported_by_the_gateway():
     import subprocess
     import sys
 
-    code = "import sys, service.app, service.server, service.cli; print('torch' in sys.modules)"
+    code = "import sys, service.app, service.server, dinoserve.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -14,7 +14,7 @@ import torch
 from official_reference import make_official_vit
 from torchvision.models import resnet18
 
-from service.cli import main
+from dinoserve.cli import main
 from training.export import tensorrt_unavailable
 from training.weights import CheckpointError, load_checkpoint
 

@@ -21,15 +21,16 @@ from pydantic import ValidationError
 
 from service.errors import ApiError
 from service.images import (
-    ALLOWED_FORMATS, decode_for_embedding, decode_image, embedding_input, open_image, preprocess, to_rgb,
+    ALLOWED_FORMATS, decode_for_embedding, decode_image, embedding_input, open_image, to_rgb,
 )
 from service.inference import Inference
 from service.metrics import GatewayMetrics
-from service.model_card import ModelCard, Preprocess
+from core.model_card import ModelCard, Preprocess
+from core.transform import preprocess
 from service.request_body import BodySizeLimit, read_form, read_json
 from service.schemas import EmbeddingsRequest, ImageData
 from service.settings import Settings
-from training.data.synthetic import make_sample
+from core.synthetic import make_sample
 
 SPEC = Preprocess()
 LIMIT = 10**7

@@ -28,7 +28,7 @@ from torchvision import transforms as T
 from service.images import decode_for_embedding, embedding_input
 from service.inference import Inference
 from service.metrics import GatewayMetrics
-from service.model_card import ModelCard, Preprocess
+from core.model_card import ModelCard, Preprocess
 from service.settings import Settings
 
 SPEC = Preprocess()

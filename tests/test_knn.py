@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from conftest import run_cli
-from service.images import preprocess
-from service.model_card import Preprocess
+from core.transform import preprocess
+from core.model_card import Preprocess
 from training.data import open_dataset
 from training.evaluate import evaluate_knn, extract_features, knn_classifier, random_backbone
 from training.export import build_model, load_backbone

@@ -2,7 +2,7 @@
 their options, exact resume, and per method family (contrastive, momentum distillation, clustering) tiny
 runs of `dinoserve train` exported by `dinoserve export` and served by `dinoserve serve` as DINO's are.
 
-The command line runs in this process (``service.cli.main``, the `dinoserve` entry point) so that
+The command line runs in this process (``dinoserve.cli.main``, the `dinoserve` entry point) so that
 torch is imported once: all of it takes about a minute and a half on two cores, most of it exporting
 and serving."""
 
@@ -26,7 +26,7 @@ from official_reference import knn_top1
 from serving import Server
 from torchvision import transforms as T
 
-from service.cli import main as dinoserve_main
+from dinoserve.cli import main as dinoserve_main
 from training.config import TrainConfig
 from training.data import make_sample, open_dataset
 from training.export import load_backbone

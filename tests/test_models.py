@@ -1,9 +1,22 @@
-"""The DINO head and multi-crop wrapper behave as the official vision_transformer.py defines them."""
+"""The DINO head and multi-crop wrapper behave as the official vision_transformer.py defines them; the
+convolutional stem (``--stem conv``) keeps the token grid, the checkpoints and the exported bundle of the
+patch stem."""
 
+from dataclasses import asdict
+
+import pytest
 import torch
 from torch import nn
 
-from training.models import BackboneSpec, DINOHead, MultiCropWrapper, WeightNormLinear, build_backbone
+from training.config import TrainConfig
+from training.models import (
+    BackboneSpec,
+    DINOHead,
+    MultiCropWrapper,
+    WeightNormLinear,
+    build_backbone,
+    conv_stem,
+)
 
 
 def test_weight_norm_linear_matches_torch_weight_norm_and_official_keys():
@@ -43,3 +56,89 @@ def test_multicrop_wrapper_runs_each_resolution_once_in_crop_major_order():
         expected = torch.cat([head(backbone(c)) for c in crops])
     assert got.shape == (6, 10)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- the convolutional stem (issue 20): a backbone option the bundle contract does not see -------------------
+
+
+@pytest.mark.parametrize("patch, sizes", [(4, [(32, 32), (24, 40), (12, 4)]), (8, [(64, 64), (32, 48), (72, 16)]),
+                                          (16, [(64, 48), (16, 16)])])
+def test_conv_stem_keeps_the_token_grid_of_the_patch_stem(patch, sizes):
+    torch.manual_seed(0)
+    patch_vit = build_backbone(BackboneSpec.from_arch("vit_pico", patch, img_size=4 * patch)).eval()
+    conv_vit = build_backbone(BackboneSpec.from_arch("vit_pico", patch, img_size=4 * patch, stem="conv")).eval()
+    assert isinstance(conv_vit.patch_embed.proj, nn.Sequential)
+    for height, width in sizes:
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            tokens, reference = conv_vit.forward_tokens(x), patch_vit.forward_tokens(x)
+        assert tokens.shape == reference.shape == (2, 1 + (height // patch) * (width // patch), 48)
+        assert conv_vit(x).shape == (2, 48)
+
+
+def test_conv_stem_layers_and_initialisation_follow_xiao_et_al():
+    stem = conv_stem(8, 192)
+    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (3, 24, 3, 2), (24, 48, 3, 2), (48, 96, 3, 2), (96, 192, 1, 1)]
+    assert [c.bias is None for c in convs] == [True, True, True, False]  # BatchNorm follows the 3×3 ones
+    for bn in (m for m in stem if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    for patch in (2, 6, 12):
+        with pytest.raises(ValueError, match="power-of-two patch size of at least 4"):
+            BackboneSpec.from_arch("vit_pico", patch, stem="conv")
+    with pytest.raises(ValueError, match="unknown stem"):
+        BackboneSpec.from_arch("vit_pico", 8, stem="hybrid")
+    with pytest.raises(ValueError, match="power-of-two"):
+        TrainConfig.from_dict({"patch_size": 12, "global_size": 48, "local_size": 24, "stem": "conv"})
+    with pytest.raises(ValueError, match="unknown stem"):
+        TrainConfig.from_dict({"stem": "hybrid"})
+    with pytest.raises(ValueError, match="freeze_patch_embed"):  # MoCo v3's fixed projection is the patch stem's
+        TrainConfig.from_dict({"method": "mocov3", "stem": "conv", "freeze_patch_embed": True})
+
+
+def test_the_stem_round_trips_through_training_checkpoints_and_old_ones_load_as_patch(tmp_path):
+    from training.checkpoint import BACKBONE_FORMAT, FORMAT_VERSION
+    from training.trainer import train
+    from training.weights import fit_weights, load_checkpoint
+
+    cfg = TrainConfig.from_dict({
+        "data": "synthetic:16:32:0", "output": str(tmp_path / "run"), "arch": "vit_pico", "patch_size": 8,
+        "img_size": 32, "stem": "conv", "epochs": 1, "batch_size": 8, "global_size": 32, "local_size": 16,
+        "local_crops_number": 1, "out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_epochs": 0,
+        "num_workers": 0, "tensorboard": False})
+    run = train(cfg, progress=False)
+    for name, key in (("checkpoint.pth", "teacher"), ("checkpoint.pth", "student"), ("teacher_backbone.pth", "teacher")):
+        loaded = load_checkpoint(run / name, key)
+        assert loaded.spec == BackboneSpec.from_arch("vit_pico", 8, 32, stem="conv")
+        vit = fit_weights(loaded.spec, loaded.weights, name)  # conv, BatchNorm and running statistics all fit
+        assert isinstance(vit.patch_embed.proj, nn.Sequential)
+        assert not torch.equal(vit.patch_embed.proj[1].running_var, torch.ones(24))  # updated by training
+    with pytest.raises(ValueError, match="conv stem; this run has --stem patch"):  # resume refuses another stem
+        train(TrainConfig.from_dict({**asdict(cfg), "stem": "patch", "epochs": 2}), progress=False)
+
+    # A backbone file written before the field existed (no "stem") is a patch-stem one.
+    spec = BackboneSpec.from_arch("vit_pico", 8, 32)
+    old = {k: v for k, v in spec.to_dict().items() if k != "stem"}
+    torch.save({"format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "method": "dino", "backbone": old,
+                "state_dict": build_backbone(spec).state_dict()}, tmp_path / "old.pth")
+    loaded = load_checkpoint(tmp_path / "old.pth")
+    assert loaded.spec.stem == "patch" and loaded.spec == spec
+    fit_weights(loaded.spec, loaded.weights, "old.pth")
+
+
+def test_exported_conv_stem_backbone_matches_pytorch_with_running_statistics(tmp_path):
+    from training.export import BundleGraph, export_onnx, verify_onnx
+
+    torch.manual_seed(0)
+    spec = BackboneSpec.from_arch("vit_pico", 4, img_size=32, stem="conv")
+    vit = build_backbone(spec)
+    with torch.no_grad():  # BatchNorm statistics away from (0, 1), as after training; export runs eval mode
+        for _ in range(3):
+            vit.forward_tokens(torch.randn(4, 3, 32, 32) * 2 + 0.5)
+    graph = BundleGraph(vit).eval()  # as export_bundle
+    export_onnx(graph, spec, tmp_path / "model.onnx")
+    report = verify_onnx(graph, tmp_path / "model.onnx", spec)  # raises beyond 1e-4 at three sizes
+    assert [shape for shape, _ in report] == [(1, 3, 32, 32), (2, 3, 36, 48), (1, 3, 60, 80)]
+    embedding, attention, patch_tokens = graph(torch.randn(2, 3, 36, 48))
+    assert embedding.shape == (2, 48) and attention.shape == (2, 3, 9 * 12) and patch_tokens.shape == (2, 108, 48)

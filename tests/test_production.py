@@ -28,7 +28,7 @@ from serving import Server
 from service.embedded_triton import free_port
 from service.errors import ApiError
 from service.metrics import GatewayMetrics
-from service.model_card import ModelCard
+from core.model_card import ModelCard
 from service.observability import ObservabilityMiddleware
 from service.triton_backend import TritonBackend
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.model_card import ModelCard, Preprocess
-from service.segmentation import (
+from core.model_card import ModelCard, Preprocess
+from core.segmentation import (
     MAX_GRAPH_PATCHES,
     MAX_SIDE,
     MAX_SIZE,

@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 
 from service.embedded_triton import EmbeddedTriton, free_port
 from service.errors import ApiError
-from service.model_card import ModelCard, latest_model_file
+from core.model_card import ModelCard, latest_model_file
 from service.triton_backend import TritonBackend
 from service.triton_model import run_batch
 
@@ -198,7 +198,7 @@ def test_the_embedded_triton_dies_with_the_gateway_process_even_when_killed(tmp_
     port = free_port()
     script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
               "from pathlib import Path\nfrom service.embedded_triton import EmbeddedTriton\n"
-              "from service.model_card import ModelCard\n"
+              "from core.model_card import ModelCard\n"
               f"bundle = Path({str(DEMO_BUNDLE)!r})\n"
               f"triton = EmbeddedTriton(bundle, ModelCard.load(bundle), http_port={port})\n"
               "triton.start(); print(triton._process.pid, flush=True); time.sleep(600)\n")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from service.model_card import IMAGENET_MEAN, IMAGENET_STD
+from core.model_card import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ class TrainConfig:
     arch: str = "vit_small"
     patch_size: int = 16
     img_size: int = 224  # size of the position-embedding grid (× patch); other sizes are interpolated
+    stem: str = "patch"  # "patch": the official patch projection; "conv": a convolutional stem of the same stride
     epochs: int = 100
     batch_size: int = 64
     lr: float = 0.0005  # for a batch of 256; scaled linearly with the batch size
@@ -127,6 +128,14 @@ class TrainConfig:
         if self.global_size % self.patch_size or self.local_size % self.patch_size:
             raise ValueError(f"crop sizes ({self.global_size}, {self.local_size}) must be multiples of the "
                              f"patch size {self.patch_size}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
+        if self.stem == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"the convolutional stem needs a power-of-two patch size of at least 4, not "
+                             f"{self.patch_size}")
+        if self.stem == "conv" and self.freeze_patch_embed:
+            raise ValueError("freeze_patch_embed fixes the patch projection of the patch stem; the convolutional "
+                             "stem has none to fix")
         if self.method == "ibot" and (self.shared_head or self.shared_head_teacher) and self.patch_out_dim != self.out_dim:
             raise ValueError(f"iBOT with shared_head or shared_head_teacher (main_ibot.py's default) scores the patch "
                              f"tokens on the CLS prototypes, so patch_out_dim must equal out_dim (got "
@@ -146,6 +155,7 @@ class TrainConfig:
 
 METHODS = ("dino", "ibot", "mocov3", "simclr", "byol", "simsiam", "swav")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STEMS = ("patch", "conv")  # training.models.STEMS (this module stays torch-free)
 
 
 def read_options(path: str | Path) -> dict:

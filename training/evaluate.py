@@ -26,8 +26,8 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from service.knn import knn_accuracy
-from service.model_card import CARD_FILENAME, IMAGENET_MEAN, IMAGENET_STD, ModelCard, latest_model_file
+from core.knn import knn_accuracy
+from core.model_card import CARD_FILENAME, IMAGENET_MEAN, IMAGENET_STD, ModelCard, latest_model_file
 
 from .data import open_dataset
 from .export import build_model, load_backbone
@@ -64,7 +64,7 @@ def knn_classifier(
 
     Unlike the official function, which splits the test set into 100 chunks and fails below 100 test
     images, any number of test images works; they are processed ``chunk_size`` at a time. The vote is
-    :func:`service.knn.knn_accuracy`, the one ``POST /v1/classify`` uses too.
+    :func:`core.knn.knn_accuracy`, the one ``POST /v1/classify`` uses too.
     """
     return knn_accuracy(train_features.float().cpu().numpy(), train_labels.cpu().numpy(),
                         test_features.float().cpu().numpy(), test_labels.cpu().numpy(), k, T, num_classes,
@@ -127,7 +127,7 @@ def extract_bundle_features(
     ``embedding`` output, and the preprocessing written in its model card (as the gateway does)."""
     import onnxruntime as ort
 
-    from service.images import preprocess
+    from core.transform import preprocess
 
     card = ModelCard.load(model_dir)
     available = ort.get_available_providers()

@@ -28,9 +28,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service import __version__
-from service.model_card import (
-    CARD_FILENAME, FORMAT_VERSION, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAMES, model_versions,
+from core import __version__
+from core.model_card import (
+    CARD_FILENAME,
+    FORMAT_VERSION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    model_versions,
 )
 
 from .checkpoint import sha256_file

@@ -1,6 +1,6 @@
 """Foreground-mask quality of a ViT's attention on the synthetic shapes, whose exact object masks are known.
 
-The masks come from the functions ``POST /v1/segment`` uses (``service.segmentation``), at the endpoint's
+The masks come from the functions ``POST /v1/segment`` uses (``core.segmentation``), at the endpoint's
 geometry (shorter side ``size``, masks back at the image size), from the attention and patch tokens of
 the exported graph (``training.export.BundleGraph``, the module ``dinoserve export`` writes to ONNX);
 each is scored by its IoU (Jaccard index) with the object's mask. Used by ``bench/segmentation.py`` and
@@ -16,14 +16,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.model_card import Preprocess
-from service.segmentation import (
+from core.model_card import Preprocess
+from core.segmentation import (
     attention_masks,
     grid_to_image,
     model_input_size,
     patch_mask,
     segmentation_input,
 )
+
 from .data import BACKGROUNDS, CLASSES, make_sample
 from .export import BundleGraph
 

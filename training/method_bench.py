@@ -126,7 +126,7 @@ def bench_methods(setup: BenchSetup, methods: tuple[str, ...] = METHODS, options
             steps = sum(1 for _ in f) - 1
         results.append(MethodResult(method, cfg.epochs, steps, cpu, wall, top1, iou, tokencut))
         log.info("%s: k-NN top-1 %.1f %%, mask IoU %.3f (TokenCut %.3f)", method, top1, iou, tokencut)
-    spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size)
+    spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, stem=cfg.stem)
     baseline = _evaluate(random_backbone(spec, cfg.seed), setup, spec.patch_size, train_set, val_set, num_classes)
     return results, baseline, cfg
 

@@ -14,6 +14,12 @@ the official code, in training as in export:
   truncated-normal (std 0.02), Linear layers truncated-normal with zero bias, LayerNorm (1, 0), the patch
   projection with PyTorch's default.
 
+``BackboneSpec.stem = "conv"`` (not in the official code) replaces the patch projection by a convolutional
+stem of the same total stride (Xiao et al., *Early Convolutions Help Transformers See Better*, NeurIPS 2021):
+log2(patch) 3×3 stride-2 convolutions with BatchNorm and ReLU, then a 1×1 projection to the embedding width.
+It lives in ``patch_embed.proj``, so the token grid, the position embeddings and their interpolation, the
+exported graph and the bundle's outputs are those of the patch stem; only the first layer's weights differ.
+
 The head follows the official ``vision_transformer.DINOHead``; its last layer keeps the official
 ``weight_g`` / ``weight_v`` keys (in that order) so checkpoints and optimizer states map one to one.
 """
@@ -21,7 +27,7 @@ The head follows the official ``vision_transformer.DINOHead``; its last layer ke
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +48,10 @@ ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_large": (1024, 24, 16),
 }
 
+# How pixels become tokens: "patch", the official non-overlapping patch projection (one PATCH×PATCH
+# convolution of stride PATCH), or "conv", a convolutional stem of the same stride (``conv_stem``).
+STEMS = ("patch", "conv")
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -54,15 +64,21 @@ class BackboneSpec:
     num_heads: int = 6
     img_size: int = 224  # position-embedding grid = img_size / patch_size per side
     drop_path_rate: float = 0.0
+    stem: str = "patch"  # STEMS; checkpoints written before the field existed load as "patch"
+
+    def __post_init__(self):
+        check_stem(self.stem, self.patch_size)
 
     @classmethod
-    def from_arch(cls, arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0):
+    def from_arch(cls, arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
+                  stem: str = "patch"):
         """A named size (``ARCHS``) at ``patch_size``, or a timm ViT name such as
         ``vit_small_patch16_224`` whose patch size and image size come from the name."""
         if arch in ARCHS:
             embed_dim, depth, num_heads = ARCHS[arch]
-            return cls(arch, patch_size, embed_dim, depth, num_heads, img_size, drop_path_rate)
-        return cls._from_timm(arch, drop_path_rate)
+            return cls(arch, patch_size, embed_dim, depth, num_heads, img_size, drop_path_rate, stem)
+        spec = cls._from_timm(arch, drop_path_rate)
+        return replace(spec, stem=stem) if stem != spec.stem else spec
 
     @classmethod
     def _from_timm(cls, name: str, drop_path_rate: float) -> "BackboneSpec":
@@ -86,6 +102,32 @@ class BackboneSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_stem(stem: str, patch_size: int) -> None:
+    """ValueError unless ``stem`` is one of ``STEMS`` and fits ``patch_size`` (the convolutional stem halves
+    the resolution per 3×3 convolution, so its patch must be a power of two, at least 4)."""
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    if stem == "conv" and (patch_size < 4 or patch_size & (patch_size - 1)):
+        raise ValueError(f"the convolutional stem needs a power-of-two patch size of at least 4, not {patch_size}")
+
+
+def conv_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
+    """Stride-``patch_size`` stem (Xiao et al., 2021): log2(patch_size) 3×3 stride-2 convolutions (padding 1,
+    no bias) each followed by BatchNorm and ReLU, channels doubling up to ``embed_dim / 2`` (at least 16),
+    then a 1×1 convolution (with bias) to ``embed_dim``. An input side divisible by ``patch_size`` gives
+    side / patch_size tokens, as the patch projection. Initialisation: PyTorch's defaults (convolutions
+    Kaiming-uniform, BatchNorm weight 1 and bias 0)."""
+    check_stem("conv", patch_size)
+    steps = patch_size.bit_length() - 1
+    layers: list[nn.Module] = []
+    channels = 3
+    for i in range(steps):
+        out = max(16, embed_dim // 2 >> (steps - 1 - i))
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, embed_dim, 1))
 
 
 class OfficialAttention(Attention):
@@ -137,11 +179,15 @@ class ViTBackbone(OfficialViT):
     tokens ``(batch, 1 + h*w, dim)``; with ``masked_im_modeling`` the patches where ``mask``
     ``(batch, h, w)`` is True are replaced by the learnable ``masked_embed`` before the position
     embedding is added, as iBOT's ``prepare_tokens`` does (same parameter name and shape as the official
-    checkpoints).
+    checkpoints). ``stem="conv"`` puts :func:`conv_stem` in ``patch_embed.proj``.
     """
 
-    def __init__(self, *args, masked_im_modeling: bool = False, drop_path_rate: float = 0.0, **kwargs):
+    def __init__(self, *args, masked_im_modeling: bool = False, drop_path_rate: float = 0.0, stem: str = "patch",
+                 **kwargs):
         super().__init__(*args, attn_layer=OfficialAttention, weight_init="skip", **kwargs)
+        check_stem(stem, self.patch_embed.patch_size[0])
+        if stem == "conv":
+            self.patch_embed.proj = conv_stem(self.patch_embed.patch_size[0], self.embed_dim)
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
         # The official stochastic-depth rule, linear in depth: dpr_i = i · rate / (depth - 1).
         rates = [x.item() for x in torch.linspace(0, drop_path_rate, len(self.blocks))]
@@ -164,7 +210,8 @@ class ViTBackbone(OfficialViT):
 
 
 def build_backbone(spec: BackboneSpec, masked_im_modeling: bool = False) -> ViTBackbone:
-    """The official ViT of ``spec`` returning the final-norm CLS token (``num_classes=0``, token pooling)."""
+    """The official ViT of ``spec`` returning the final-norm CLS token (``num_classes=0``, token pooling);
+    with ``spec.stem == "conv"`` its patch projection is :func:`conv_stem`."""
     return ViTBackbone(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -178,6 +225,7 @@ def build_backbone(spec: BackboneSpec, masked_im_modeling: bool = False) -> ViTB
         dynamic_img_size=True,
         drop_path_rate=spec.drop_path_rate,
         masked_im_modeling=masked_im_modeling,
+        stem=spec.stem,
     )
 
 

@@ -86,7 +86,7 @@ class NonFiniteLossError(RuntimeError):
 
 def build_models(cfg: TrainConfig) -> tuple[BackboneSpec, nn.Module, nn.Module | None]:
     """The method's student and teacher (or momentum encoder; None without one), equal initial weights."""
-    spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
+    spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate, cfg.stem)
     student, teacher = OBJECTIVES[cfg.method](cfg).build_networks(spec)
     return spec, student, teacher
 
@@ -189,7 +189,7 @@ class Trainer:
                                  num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                                  pin_memory=self.device.type == "cuda")
 
-        self.spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
+        self.spec = BackboneSpec.from_arch(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate, cfg.stem)
         self.student, self.teacher = self.objective.build_networks(self.spec)
         has_bn = any(isinstance(m, nn.BatchNorm1d) for m in self.student.modules())
         if has_bn and self.rt.distributed and self.device.type == "cuda":
@@ -268,6 +268,9 @@ class Trainer:
         if state["method"] != self.cfg.method or state["backbone"]["arch"] != self.spec.arch:
             raise ValueError(f"{path} is a {state['method']} run of {state['backbone']['arch']}; this run is "
                              f"{self.cfg.method} of {self.spec.arch}: use another --output or matching options")
+        if state["backbone"].get("stem", "patch") != self.spec.stem:
+            raise ValueError(f"{path} was trained with the {state['backbone'].get('stem', 'patch')} stem; this run "
+                             f"has --stem {self.spec.stem}: use another --output or the same stem")
         self.load_official_checkpoint(state)
         log.info("resuming from %s after epoch %d", path, state["epoch"])
         return int(state["epoch"])

@@ -15,8 +15,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from core.knn import nearest
+
 from .base import IndexConfig
-from ..knn import nearest
 
 # faiss 1.15 computes inner products of query batches below this size without BLAS, which made
 # exact search much slower for single queries (docs/benchmarks.md, "Retrieval").

@@ -1,13 +1,6 @@
 """Datasets without torch: synthetic labelled shapes with masks, and image folders."""
 
-from .folder import (
-    IMAGE_EXTENSIONS,
-    SYNTHETIC_SPEC_FORMAT,
-    ImageFolder,
-    load_image,
-    open_dataset,
-)
-from .synthetic import (
+from core.synthetic import (
     BACKGROUND_GROUPS,
     BACKGROUND_KINDS,
     BACKGROUNDS,
@@ -24,6 +17,14 @@ from .synthetic import (
     parse_classes,
     parse_size,
     write_dataset,
+)
+
+from .folder import (
+    IMAGE_EXTENSIONS,
+    SYNTHETIC_SPEC_FORMAT,
+    ImageFolder,
+    load_image,
+    open_dataset,
 )
 
 __all__ = [

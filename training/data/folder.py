@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from PIL import Image, ImageOps
 
-from .synthetic import BACKGROUND_GROUPS, BACKGROUND_KINDS, BACKGROUNDS, CLASS_GROUPS, CLASSES, SyntheticShapes
+from core.synthetic import BACKGROUND_GROUPS, BACKGROUND_KINDS, BACKGROUNDS, CLASS_GROUPS, CLASSES, SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 

@@ -18,8 +18,8 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .images import normalize, resized_size
 from .model_card import Preprocess
+from .transform import normalize, resized_size
 
 MAX_SIZE = 1024  # largest shorter side accepted for the model input
 MAX_SIDE = 2048  # longest side of the model input; elongated images are scaled down to fit

@@ -1,7 +1,9 @@
 """``dinoserve``: one command line for training, export, evaluation and serving.
 
-``train``, ``export`` and ``eval-knn`` need the ``train`` extra (torch); they are imported only when
-used, so the gateway image without torch still runs ``dinoserve serve``. A command-line or configuration
+The trainer's commands (``train``, ``export``, ``eval-knn``, ``plot``, ``bench-methods``) exist where the
+``training`` package is installed, and import torch only when they run; the gateway's (``serve``, ``index``)
+import ``service`` only. So the gateway image, which holds neither torch nor ``training``, runs
+``dinoserve serve``. A command-line or configuration
 error is one line on stderr, naming the option or setting, and exit status 2; a command that fails while it
 runs exits with status 1.
 """
@@ -16,7 +18,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from service.index_cli import add_index_parser, run_index
-from training.config import METHODS, PRESETS, TrainConfig, read_options
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,7 +86,19 @@ TRAIN_HELP = {
 }
 
 
-def _add_train(sub) -> None:
+def _trainer_config():
+    """``training.config`` (torch-free), or None where the trainer is not installed (the gateway image)."""
+    try:
+        from training import config
+    except ModuleNotFoundError as error:
+        if error.name != "training":
+            raise
+        return None
+    return config
+
+
+def _add_train(sub, config) -> None:
+    PRESETS, TrainConfig = config.PRESETS, config.TrainConfig
     p = sub.add_parser("train", help="train a ViT with DINO, iBOT, MoCo v3, SimCLR, BYOL, SimSiam or SwAV",
                        description="Train a ViT backbone with DINO, iBOT, MoCo v3, SimCLR, BYOL, SimSiam or SwAV, "
                                    "in one process or under torchrun "
@@ -215,7 +228,8 @@ def _add_serve(sub) -> None:
                         "on: keys always required. off: no keys, even on a public address (default: auto)")
 
 
-def _add_bench_methods(sub) -> None:
+def _add_bench_methods(sub, config) -> None:
+    METHODS = config.METHODS
     p = sub.add_parser("bench-methods", help="train every method for the same CPU time; compare k-NN and mask IoU",
                        description="Train DINO, iBOT, MoCo v3, SimCLR, BYOL, SimSiam and SwAV for the same "
                                    "compute budget each on the same data, score each served backbone by "
@@ -255,6 +269,7 @@ def _bench_methods(args) -> int:
     import os
     import shlex
 
+    from training.config import read_options
     from training.method_bench import CPU_DEFAULTS, BenchSetup, bench_methods, report, table
 
     options = read_options(args.config) if args.config else {}
@@ -275,6 +290,7 @@ def _bench_methods(args) -> int:
 
 
 def _train(args) -> int:
+    from training.config import TrainConfig, read_options
     from training.trainer import NonFiniteLossError, backbone_filename, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -359,12 +375,15 @@ def _serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="dinoserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_export(sub)
-    _add_eval_knn(sub)
+    config = _trainer_config()
+    if config is not None:
+        _add_train(sub, config)
+        _add_export(sub)
+        _add_eval_knn(sub)
     _add_serve(sub)
-    _add_plot(sub)
-    _add_bench_methods(sub)
+    if config is not None:
+        _add_plot(sub)
+        _add_bench_methods(sub, config)
     add_index_parser(sub)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # bench-methods records its command line
