@@ -128,11 +128,7 @@ class TrainConfig:
         if self.global_size % self.patch_size or self.local_size % self.patch_size:
             raise ValueError(f"crop sizes ({self.global_size}, {self.local_size}) must be multiples of the "
                              f"patch size {self.patch_size}")
-        if self.stem not in STEMS:
-            raise ValueError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
-        if self.stem == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"the convolutional stem needs a power-of-two patch size of at least 4, not "
-                             f"{self.patch_size}")
+        check_stem(self.stem, self.patch_size)
         if self.stem == "conv" and self.freeze_patch_embed:
             raise ValueError("freeze_patch_embed fixes the patch projection of the patch stem; the convolutional "
                              "stem has none to fix")
@@ -155,7 +151,16 @@ class TrainConfig:
 
 METHODS = ("dino", "ibot", "mocov3", "simclr", "byol", "simsiam", "swav")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STEMS = ("patch", "conv")  # training.models.STEMS (this module stays torch-free)
+STEMS = ("patch", "conv")  # the backbone's first layer: the official patch projection or a convolutional stem
+
+
+def check_stem(stem: str, patch_size: int) -> None:
+    """ValueError unless ``stem`` is one of ``STEMS`` and fits ``patch_size`` (the convolutional stem halves
+    the resolution per 3×3 convolution, so its patch must be a power of two, at least 4)."""
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    if stem == "conv" and (patch_size < 4 or patch_size & (patch_size - 1)):
+        raise ValueError(f"the convolutional stem needs a power-of-two patch size of at least 4, not {patch_size}")
 
 
 def read_options(path: str | Path) -> dict:

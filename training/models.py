@@ -35,6 +35,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .config import check_stem
 from .official_vit import OfficialViT
 
 # name -> (embed_dim, depth, num_heads); the official sizes plus small ones for CPU work and tests.
@@ -48,11 +49,6 @@ ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_large": (1024, 24, 16),
 }
 
-# How pixels become tokens: "patch", the official non-overlapping patch projection (one PATCH×PATCH
-# convolution of stride PATCH), or "conv", a convolutional stem of the same stride (``conv_stem``).
-STEMS = ("patch", "conv")
-
-
 @dataclass(frozen=True)
 class BackboneSpec:
     """Everything needed to rebuild a backbone; stored in checkpoints and the model card."""
@@ -64,7 +60,10 @@ class BackboneSpec:
     num_heads: int = 6
     img_size: int = 224  # position-embedding grid = img_size / patch_size per side
     drop_path_rate: float = 0.0
-    stem: str = "patch"  # STEMS; checkpoints written before the field existed load as "patch"
+    # How pixels become tokens (``config.STEMS``): "patch", the official non-overlapping patch projection, or
+    # "conv", a convolutional stem of the same stride (``conv_stem``). Checkpoints written before the field
+    # existed load as "patch".
+    stem: str = "patch"
 
     def __post_init__(self):
         check_stem(self.stem, self.patch_size)
@@ -102,15 +101,6 @@ class BackboneSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_stem(stem: str, patch_size: int) -> None:
-    """ValueError unless ``stem`` is one of ``STEMS`` and fits ``patch_size`` (the convolutional stem halves
-    the resolution per 3×3 convolution, so its patch must be a power of two, at least 4)."""
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-    if stem == "conv" and (patch_size < 4 or patch_size & (patch_size - 1)):
-        raise ValueError(f"the convolutional stem needs a power-of-two patch size of at least 4, not {patch_size}")
 
 
 def conv_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
