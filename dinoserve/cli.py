@@ -17,6 +17,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from core.knn import DEFAULT_TEMPERATURE
 from service.index_cli import add_index_parser, run_index
 
 
@@ -181,7 +182,7 @@ def _add_eval_knn(sub) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200],
                    help="neighbour counts; 20 is the paper's headline, values above the number of train "
                         "images are clamped to it (default: 10 20 100 200)")
-    p.add_argument("--temperature", type=float, default=0.07,
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help="T in the vote weight exp(cosine / T); lower trusts the closest neighbours more "
                         "(default: 0.07, the paper's)")
     p.add_argument("--checkpoint-key", choices=["teacher", "student"], default="teacher",

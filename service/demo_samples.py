@@ -1,5 +1,5 @@
 """The demo page's sample images and its demo collection, both made by the synthetic shapes generator
-(``training.data.make_sample``: NumPy and Pillow, no torch), so no image file ships with the gateway.
+(``core.synthetic.make_sample``: NumPy and Pillow, no torch), so no image file ships with the gateway.
 
 Samples ``0 .. COLLECTION_SAMPLES - 1`` fill the demo collection (labelled with their class);
 the next ``PICKER_SAMPLES`` (one per class) are offered on the page as queries and are not in it.
@@ -16,15 +16,11 @@ from functools import lru_cache
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from core.model_card import ModelCard
 from core.synthetic import CLASSES, make_sample
-from core.transform import preprocess
 
 from .collections import IndexConfig, Item, VectorStore, check_name
-from .collections.base import normalized
 from .errors import ApiError
-from .images import decode_image
-from .triton_backend import TritonBackend
+from .inference import Inference
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +63,11 @@ def collection_items(vectors: np.ndarray) -> list[Item]:
                  {"sample": i, "thumbnail": sample_url(i)}) for i in range(COLLECTION_SAMPLES)]
 
 
-async def fill_demo_collection(name: str, store: VectorStore, card: ModelCard, backend: TritonBackend,
-                               model_ready: asyncio.Task) -> None:
+async def fill_demo_collection(name: str, store: VectorStore, inference: Inference, model_ready: asyncio.Task) -> None:
     """Create collection ``name`` and add the demo samples, embedded through Triton, once ``model_ready``
     (the gateway's warm-up) is done. A collection of that name is never touched: it may be users' data,
-    or the demo collection of an earlier start. The items are written in one upsert right after the
+    or the demo collection of an earlier start. The samples are embedded as the API embeds images
+    (``Inference.embed``). The items are written in one upsert right after the
     collection is created, so a stop during the embedding leaves no collection behind. Failures are
     logged, not raised: the gateway serves on without the demo collection."""
     try:
@@ -81,14 +77,14 @@ async def fill_demo_collection(name: str, store: VectorStore, card: ModelCard, b
         return
     await model_ready
     try:
-        await _fill(name, store, card, backend)
+        await _fill(name, store, inference)
     except ApiError as exc:
         log.warning("demo collection %r not filled: %s", name, exc.message)
     except Exception:
         log.exception("demo collection %r not filled", name)
 
 
-async def _fill(name: str, store: VectorStore, card: ModelCard, backend: TritonBackend) -> None:
+async def _fill(name: str, store: VectorStore, inference: Inference) -> None:
     try:
         await run_in_threadpool(store.describe, name)
         log.info("demo collection %r exists; left as it is", name)
@@ -97,18 +93,14 @@ async def _fill(name: str, store: VectorStore, card: ModelCard, backend: TritonB
         if exc.status != 404:
             raise
 
-    def pixels(indices: range) -> np.ndarray:
-        return np.stack([preprocess(decode_image(sample_jpeg(i), SIZE * SIZE), card.preprocess) for i in indices])
-
-    parts = []
-    for start in range(0, COLLECTION_SAMPLES, _EMBED_BATCH):
-        batch = await run_in_threadpool(pixels, range(start, min(start + _EMBED_BATCH, COLLECTION_SAMPLES)))
-        parts.append((await backend.infer(batch, ("embedding",)))["embedding"])
-    items = collection_items(normalized(np.concatenate(parts), card.embed_dim, "demo embedding"))
+    jpegs = await run_in_threadpool(lambda: [sample_jpeg(i) for i in range(COLLECTION_SAMPLES)])
+    parts = [await inference.embed(jpegs[start:start + _EMBED_BATCH], normalize=True)
+             for start in range(0, COLLECTION_SAMPLES, _EMBED_BATCH)]
+    items = collection_items(np.concatenate(parts))
 
     def write() -> bool:
         try:
-            store.create_collection(name, card.name, card.embed_dim, IndexConfig())
+            store.create_collection(name, inference.card.name, inference.card.embed_dim, IndexConfig())
         except ApiError as exc:
             if exc.status != 409:
                 raise

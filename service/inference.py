@@ -1,10 +1,12 @@
 """The path every image endpoint shares from uploaded bytes to model outputs: an in-flight slot
 (``limits``), decoding and preprocessing in the thread pool, then Triton — each step timed as its stage in
-the metrics."""
+the metrics. ``embed`` is that path for the CLS embedding, used by every endpoint that embeds images and by
+the demo collection."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import anyio
 import numpy as np
@@ -17,6 +19,11 @@ from .limits import InflightLimit
 from .metrics import GatewayMetrics
 from .settings import Settings
 from .triton_backend import TritonBackend
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 class Inference:
@@ -41,7 +48,17 @@ class Inference:
         """``fn(*args)`` (decoding, preprocessing) in a worker thread, at most ``decode_workers`` at once."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.decoders)
 
-    async def pixel_batch(self, images: list[bytes]) -> np.ndarray:
+    async def embed(self, images: Sequence[bytes], normalize: bool) -> np.ndarray:
+        """Images → their embeddings, float32 ``[B, D]`` (the final-norm CLS token, DINO's k-NN feature),
+        L2-normalised when ``normalize``: decoded and preprocessed on the decode pool, then one Triton batch,
+        within one in-flight slot."""
+        async with self.slot():
+            result = await self.run(await self.pixel_batch(images), ("embedding",))
+        with self.metrics.stage("postprocess"):
+            vectors = result["embedding"].astype(np.float32, copy=False)
+            return unit_rows(vectors) if normalize else vectors
+
+    async def pixel_batch(self, images: Sequence[bytes]) -> np.ndarray:
         """Images → float32 ``[B, 3, crop, crop]`` by the model card's embedding transform."""
         def prepare(data: bytes) -> np.ndarray:
             with self.metrics.stage("decode"):

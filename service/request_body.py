@@ -1,22 +1,25 @@
-"""Request bodies of the image endpoints: JSON (base64 images) or multipart (file parts), with the
-size limits and error statuses of docs/api.md applied the same way everywhere."""
+"""Request bodies of the image endpoints, read one way: JSON (base64 images) or multipart (file parts and
+form fields), validated against the endpoint's one pydantic model, with the size limits and error statuses
+of docs/api.md applied the same way everywhere. ``read_request`` is the reader and ``request_body`` the
+OpenAPI statement of such a body."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, bad_request, too_large, unsupported_media
-from .schemas import ErrorResponse
+from .schemas import ErrorResponse, ImageData
 from .settings import Settings
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -102,8 +105,142 @@ class BodySizeLimit:
         await self.app(scope, receive_within_limit, send)
 
 
-def decode_base64(data: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{field} is not valid base64", code="invalid_base64") from None
+@dataclass(frozen=True)
+class Multipart:
+    """How an endpoint's multipart form maps onto its JSON request model.
+
+    ``files``: file part name → the model field its images go to; a field in ``single`` takes exactly one
+    image, the others a list. With ``items`` set, each image becomes an object of that list field instead,
+    with the form fields ``per_image`` (given once per image) and ``per_image_or_all`` (once per image, or once
+    for all). Text fields named in ``json`` hold JSON, those in ``csv`` comma-separated lists; every other text
+    field is the model field of its name, given once."""
+
+    files: dict[str, str]
+    single: tuple[str, ...] = ()
+    items: str | None = None
+    per_image: tuple[str, ...] = ()
+    per_image_or_all: tuple[str, ...] = ()
+    json: tuple[str, ...] = ()
+    csv: tuple[str, ...] = ()
+
+
+async def read_request(request: Request, settings: Settings, model: type[Model], form: Multipart) -> Model:
+    """The request body as ``model``, from JSON or from a multipart form laid out by ``form``, every image's
+    bytes decoded (``ImageData.decode``). 413 past ``max_images_per_request`` images, counted before any is
+    decoded."""
+    if body_kind(request, settings) == "json":
+        parsed = await read_json(request, settings, model)
+    else:
+        values = await _form_values(await read_form(request, max_files=settings.max_images_per_request + 1), form)
+        parsed = validate(model, values)
+    images = list(_images(parsed, ""))
+    if len(images) > settings.max_images_per_request:
+        raise too_large(f"{len(images)} images in one request; the limit is {settings.max_images_per_request}")
+    for where, image in images:
+        image.decode(where)
+    return parsed
+
+
+def _images(value, where: str) -> Iterator[tuple[str, ImageData]]:
+    """Every ``ImageData`` in a parsed request, with the path of its ``data`` field (``items[3].image.data``)."""
+    if isinstance(value, ImageData):
+        yield f"{where}.data", value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _images(getattr(value, name), f"{where}.{name}" if where else name)
+    elif isinstance(value, list):
+        for i, element in enumerate(value):
+            yield from _images(element, f"{where}[{i}]")
+
+
+async def _form_values(form: FormData, layout: Multipart) -> dict:
+    """The model's input from a multipart form: images as ``ImageData.upload``, the form fields by name."""
+    uploads: dict[str, list[ImageData]] = {}
+    text: dict[str, list[str]] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name not in layout.files:
+                raise ApiError(422, "validation_error", f"unexpected file part {name!r}")
+            uploads.setdefault(layout.files[name], []).append(ImageData.upload(await value.read()))
+        elif name in layout.files:
+            raise ApiError(422, "validation_error", f"form field {name!r} must be a file part")
+        else:
+            text.setdefault(name, []).append(value)
+    if not uploads:
+        names = " or ".join(repr(name) for name in layout.files)
+        raise ApiError(422, "validation_error", f"multipart body has no file parts named {names}")
+    values: dict = {}
+    for target, images in uploads.items():
+        if target in layout.single:
+            if len(images) != 1:
+                raise ApiError(422, "validation_error",
+                               f"multipart body needs exactly one file part named {target!r}; it has {len(images)}")
+            values[target] = images[0]
+        else:
+            values[target] = images
+    if layout.items is not None:
+        images = values.pop(layout.items)
+        fields = {name: _per_image(name, text.pop(name, []), len(images), layout)
+                  for name in layout.per_image + layout.per_image_or_all}
+        values[layout.items] = [{"image": image, **{name: column[i] for name, column in fields.items()
+                                                     if column[i] is not None}} for i, image in enumerate(images)]
+    for name, given in text.items():
+        if len(given) != 1:
+            raise ApiError(422, "validation_error", f"form field {name!r} is given {len(given)} times")
+        values[name] = _text_value(name, given[0], layout)
+    return values
+
+
+def _per_image(name: str, given: list[str], count: int, layout: Multipart) -> list:
+    """A form field's value for each image (``None`` for each when absent)."""
+    once = name in layout.per_image_or_all
+    if len(given) not in (0, count) and not (once and len(given) == 1):
+        raise ApiError(422, "validation_error", f"{len(given)} '{name}' fields for {count} images: give one per "
+                                                f"image" + (" or one for all" if once else ""))
+    values = [_text_value(name, value, layout) for value in given]
+    return values * count if len(values) == 1 else values or [None] * count
+
+
+def _text_value(name: str, value: str, layout: Multipart):
+    if name in layout.json:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ApiError(422, "validation_error", f"form field {name!r} is not valid JSON") from None
+    if name in layout.csv:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """``model``'s JSON schema with its ``$defs`` substituted, to stand alone inside the OpenAPI document."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:  # the definition, with the reference's own keys (its description) on top
+                siblings = {key: resolve(value) for key, value in node.items() if key != "$ref"}
+                return {**resolve(definitions[node["$ref"].rsplit("/", 1)[1]]), **siblings}
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+def request_body(model: type[BaseModel], parts: dict | None = None, required_parts: tuple[str, ...] = (),
+                 required: bool = True) -> dict:
+    """``openapi_extra`` of an endpoint whose body is the JSON ``model`` or, given ``parts`` (name → schema;
+    no others are accepted), a multipart form read by ``read_request``, ``required_parts`` among them."""
+    content = {"application/json": {"schema": inline_schema(model)}}
+    if parts is not None:
+        form = {"type": "object", "properties": parts, "additionalProperties": False}
+        if required_parts:
+            form["required"] = list(required_parts)
+        content["multipart/form-data"] = {"schema": form}
+    return {"requestBody": {"required": required, "content": content}}
+
+
+IMAGE_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+IMAGE_FILE = {"type": "string", "format": "binary"}
+JSON_TEXT = {"type": "string", "description": "JSON"}

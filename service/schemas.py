@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from .errors import bad_request
 
 
+# One image of a request: base64 ``data`` in JSON; in multipart a file part, made by ``upload``. (A comment,
+# not a docstring: pydantic would put a docstring into the API schema.)
 class ImageData(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data: str = Field(description="The image file (JPEG, PNG, WebP, ...) encoded as base64.")
+    _content: bytes | None = PrivateAttr(None)
+
+    @classmethod
+    def upload(cls, content: bytes) -> "ImageData":
+        """The image of a multipart file part: its bytes as they came, with no base64 text (``data`` unset).
+        Validation keeps the instance as it is, so the request model holds it like a JSON image."""
+        image = cls.model_construct()
+        image._content = content
+        return image
+
+    def decode(self, where: str) -> bytes:
+        """The image file's bytes; 400 ``invalid_base64`` naming ``where`` (the field) when ``data`` is not
+        base64. Decoded once."""
+        if self._content is None:
+            try:
+                self._content = base64.b64decode(self.data, validate=True)
+            except (binascii.Error, ValueError):
+                raise bad_request(f"{where} is not valid base64", code="invalid_base64") from None
+        return self._content
+
+    @property
+    def content(self) -> bytes:
+        """The image file's bytes, once :meth:`decode` has run (the request reader runs it on every image)."""
+        if self._content is None:
+            raise RuntimeError("the image is not decoded yet: read requests with request_body.read_request")
+        return self._content
 
 
 class EmbeddingsRequest(BaseModel):

@@ -226,6 +226,25 @@ def test_search_by_stored_id_returns_its_neighbours_without_itself(api):
     error(api.post("/v1/collections/by-id/search", json={"id": "nope"}), 404, "item_not_found")
 
 
+def store_calls(api) -> float:
+    """How many vector-store calls the gateway has made: each is one thread-pool hop timed as stage ``store``."""
+    (line,) = [line for line in api.get("/metrics").text.splitlines()
+               if line.startswith('dinoserve_stage_duration_seconds_count{stage="store"}')]
+    return float(line.split()[-1])
+
+
+def test_a_batch_of_ids_is_read_from_the_store_in_one_call(api):
+    create(api, "by-ids")
+    ids, vectors = random_items(7, 200)
+    add(api, "by-ids", [{"id": i, "vector": v.tolist()} for i, v in zip(ids, vectors)])
+    before = store_calls(api)
+    batch = api.post("/v1/collections/by-ids/search", json={"ids": ids, "k": 2})
+    assert batch.status_code == 200 and len(batch.json()["data"]) == 200
+    assert store_calls(api) - before == 3  # describe, the 200 items, search: not one call per id
+    assert_same_ranking([(h["id"], h["score"]) for h in batch.json()["data"][150]["results"]],
+                        top_k(vectors[150], ids, vectors, 3)[1:])
+
+
 @pytest.mark.parametrize("index", ["exact", "hnsw"])
 def test_deleted_and_replaced_items_leave_the_results(api, index):
     name = f"churn-{index}"
@@ -295,6 +314,8 @@ def test_bad_requests_get_their_status_never_500(api):
     error(post("/items", {"items": [{"image": b64(b"not an image")}]}), 415, "unsupported_media_type")
     error(api.post("/v1/collections/errors/items", files=[("images", ("a.jpg", jpeg(0)))], data={"id": ["x", "y"]}),
           422, "validation_error")
+    error(api.post("/v1/collections/errors/items", files=[("images", ("a.jpg", jpeg(0)))], data={"colour": "red"}),
+          422, "validation_error")  # unknown fields are refused in multipart as in JSON
     error(api.post("/v1/collections/errors/search", content=b"{", headers={"content-type": "application/json"}),
           422, "validation_error")
     error(api.post("/v1/collections/errors/search", content=b"k=1", headers={"content-type": "text/plain"}),

@@ -3,12 +3,18 @@ compacted or rebuilt from SQLite when it opens."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from collections_helpers import top_k
 from service.collections import IndexConfig, Item, ItemFilter
 from service.collections.embedded import EmbeddedStore
+from service.metrics import GatewayMetrics
+from service.routes import collections as collection_routes
+from service.routes import items as item_routes
+from service.routes.common import AsyncStore
 
 DIM = 16
 
@@ -83,4 +89,25 @@ def test_dropping_a_collection_removes_its_rows_and_saved_graph(tmp_path):
     assert not list((tmp_path / "indexes").glob("*.faiss"))
     store.create_collection("c", "m", DIM, IndexConfig("exact"))
     assert store.describe("c").count == 0
+    store.close()
+
+
+def test_collection_route_handlers_run_alone_on_a_store(tmp_path):
+    """The handlers are plain functions of their dependencies: no app, no HTTP, the store on disk."""
+    store = EmbeddedStore(tmp_path)
+    store.create_collection("shapes", "m", DIM, IndexConfig())
+    ids = [f"s{n}" for n in range(5)]
+    store.upsert("shapes", [Item(i, v, "shape") for i, v in zip(ids, vectors(2, 5))])
+    timed = AsyncStore(store, GatewayMetrics(1))
+
+    async def calls():
+        described = await collection_routes.describe_collection("shapes", timed)
+        item = await item_routes.get_item("shapes", ids[3], timed, vector=False)
+        dropped = await collection_routes.drop_collection("shapes", timed)
+        return described, item, dropped, await collection_routes.list_collections(timed)
+
+    described, item, dropped, listed = asyncio.run(calls())
+    assert (described.name, described.model, described.dim, described.count) == ("shapes", "m", DIM, 5)
+    assert item.id == ids[3] and item.vector is None
+    assert dropped == {"name": "shapes", "deleted": True} and listed.data == []
     store.close()

@@ -4,6 +4,7 @@ since issue 19): allowed formats by content, limits before decoding, every pixel
 to the full one. That the default intake equals the official pipeline is tests/test_intake_fidelity.py."""
 
 import asyncio
+import base64
 import io
 import os
 import struct
@@ -27,7 +28,10 @@ from service.inference import Inference
 from service.metrics import GatewayMetrics
 from core.model_card import ModelCard, Preprocess
 from core.transform import preprocess
-from service.request_body import BodySizeLimit, read_form, read_json
+from service.request_body import BodySizeLimit, read_form, read_json, read_request
+from service.routes import items as items_route
+from service.routes import search as search_route
+from service.collections_schemas import AddItemsRequest, SearchRequest
 from service.schemas import EmbeddingsRequest, ImageData
 from service.settings import Settings
 from core.synthetic import make_sample
@@ -349,7 +353,80 @@ def body_app(settings: Settings) -> TestClient:
     async def json_body(request: Request) -> dict:
         return {"images": len((await read_json(request, settings, EmbeddingsRequest)).images)}
 
+    @app.post("/search")
+    async def search_body(request: Request) -> dict:
+        """What the search endpoint's reader makes of a body: the options and the images' bytes."""
+        query = await read_request(request, settings, SearchRequest, search_route.SEARCH_FORM)
+        images = [query.image] if query.image is not None else query.images or []
+        return {"options": query.model_dump(exclude={"image", "images"}),
+                "images": [image.content.decode("latin-1") for image in images]}
+
+    @app.post("/items")
+    async def items_body(request: Request) -> dict:
+        entries = (await read_request(request, settings, AddItemsRequest, items_route.FORM)).items
+        return {"items": [{"id": e.id, "label": e.label, "metadata": e.metadata,
+                           "image": e.image.content.decode("latin-1")} for e in entries]}
+
     return TestClient(app)
+
+
+def b64text(data: bytes) -> dict:
+    return {"data": base64.b64encode(data).decode("ascii")}
+
+
+def test_json_and_multipart_bodies_read_into_the_same_request():
+    client = body_app(Settings())
+    as_json = client.post("/search", json={"image": b64text(b"\x89PNG-bytes"), "k": 3, "filter": {"label": "cat"}})
+    as_form = client.post("/search", files=[("image", ("a.png", b"\x89PNG-bytes", "image/png"))],
+                          data={"k": "3", "filter": '{"label": "cat"}'})
+    assert as_json.status_code == as_form.status_code == 200, (as_json.text, as_form.text)
+    assert as_json.json() == as_form.json()
+    assert as_form.json()["images"] == ["\x89PNG-bytes"] and as_form.json()["options"]["k"] == 3
+    batch = client.post("/search", files=[("images", ("a.png", b"one", "image/png")),
+                                          ("images", ("b.png", b"two", "image/png"))])
+    assert batch.json()["images"] == ["one", "two"]
+
+
+def test_multipart_items_take_per_image_fields_once_each_or_once_for_all():
+    client = body_app(Settings())
+    files = [("images", ("a.png", b"A", "image/png")), ("images", ("b.png", b"B", "image/png"))]
+    response = client.post("/items", files=files, data={"id": ["a", "b"], "label": "shape", "metadata": '{"n": 1}'})
+    assert response.status_code == 200, response.text
+    assert response.json()["items"] == [
+        {"id": "a", "label": "shape", "metadata": {"n": 1}, "image": "A"},
+        {"id": "b", "label": "shape", "metadata": {"n": 1}, "image": "B"},
+    ]
+    one_id = client.post("/items", files=files, data={"id": "a"})  # an id names one item: never shared
+    assert one_id.status_code == 422 and "one per image" in one_id.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("form, message", [
+    ({"colour": "red"}, "colour"),  # an unknown field: refused, as in JSON (docs/api.md)
+    ({"k": ["1", "2"]}, "given 2 times"),
+    ({"filter": "{not json"}, "not valid JSON"),
+    ({"images": "not a file"}, "must be a file part"),
+])
+def test_a_form_the_model_does_not_describe_is_a_422_naming_the_field(form, message):
+    client = body_app(Settings())
+    response = client.post("/search", files=[("image", ("a.png", b"A", "image/png"))], data=form)
+    assert response.status_code == 422 and message in response.json()["error"]["message"], response.text
+
+
+def test_multipart_without_images_and_a_second_single_image_are_422():
+    client = body_app(Settings())
+    none = client.post("/search", data={"k": "3"}, files=[("other", ("a.png", b"A", "image/png"))])
+    assert none.status_code == 422 and "unexpected file part 'other'" in none.json()["error"]["message"]
+    two = client.post("/search", files=[("image", ("a.png", b"A", "image/png")), ("image", ("b.png", b"B", "image/png"))])
+    assert two.status_code == 422 and "exactly one file part named 'image'" in two.json()["error"]["message"]
+
+
+def test_images_are_counted_before_any_is_decoded():
+    client = body_app(Settings(max_images_per_request=2))
+    bad = {"data": "not base64!"}
+    assert client.post("/search", json={"images": [bad, bad, bad]}).status_code == 413
+    response = client.post("/search", json={"images": [b64text(b"fine"), bad]})
+    assert response.status_code == 400 and response.json()["error"] == {
+        "code": "invalid_base64", "message": "images[1].data is not valid base64"}
 
 
 def test_a_chunked_body_without_length_is_cut_off_at_the_request_limit_with_413():

@@ -27,6 +27,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from core.knn import knn_accuracy
+from core.knn import DEFAULT_TEMPERATURE
 from core.model_card import CARD_FILENAME, IMAGENET_MEAN, IMAGENET_STD, ModelCard, latest_model_file
 
 from .data import open_dataset
@@ -34,7 +35,6 @@ from .export import build_model, load_backbone
 from .models import BackboneSpec, build_backbone
 
 DEFAULT_KS = (10, 20, 100, 200)
-DEFAULT_TEMPERATURE = 0.07
 KNN_CHUNK_SIZE = 1024  # test images per similarity matrix; bounds memory at chunk × train images
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from core.knn import DEFAULT_K, DEFAULT_TEMPERATURE
+
 from .config import METHODS, TrainConfig
 from .data import make_sample, open_dataset
 from .evaluate import class_count, extract_features, knn_classifier, random_backbone
@@ -46,7 +48,6 @@ CPU_DEFAULTS = dict(arch="vit_nano", patch_size=8, img_size=64, global_size=64, 
                     bottleneck_dim=128, swav_prototypes=64, drop_path_rate=0.0, num_workers=0,
                     tensorboard=False)
 TIMED_STEPS = 10
-KNN_K, KNN_T = 20, 0.07
 KEEP_MASS = 0.6
 
 
@@ -80,7 +81,7 @@ def _evaluate(vit: torch.nn.Module, setup: BenchSetup, patch: int, train_set, va
     """k-NN top-1 in percent, mean mask IoU of the attention rule and of TokenCut, of a backbone."""
     train_feats = extract_features(vit, train_set, progress=False, size=setup.eval_size)
     val_feats = extract_features(vit, val_set, progress=False, size=setup.eval_size)
-    top1, _ = knn_classifier(*train_feats, *val_feats, min(KNN_K, len(train_set)), KNN_T, num_classes)
+    top1, _ = knn_classifier(*train_feats, *val_feats, min(DEFAULT_K, len(train_set)), DEFAULT_TEMPERATURE, num_classes)
     ious = scores(attention_model(vit), range(setup.mask_images), setup.mask_seed, setup.mask_image_size,
                   setup.mask_size, KEEP_MASS, patch, "masks", progress=False)
     return top1, float(ious["mean"].mean()), float(ious["tokencut"].mean())
@@ -192,7 +193,7 @@ def report(results: list[MethodResult], baseline: tuple[float, float, float], se
         f"{cfg.arch}/{cfg.patch_size} ViT on {cfg.global_size} px global crops ({locals_note}), batch "
         f"{cfg.batch_size}, AdamW at lr {cfg.lr} per 256 images, the trainer's shared defaults otherwise. A few "
         "steps are timed first and each method gets the whole epochs nearest its budget, with its full schedule.",
-        f"- **k-NN top-1**: DINO's weighted k-NN (k = {KNN_K}, T = {KNN_T}) of the served backbone's CLS "
+        f"- **k-NN top-1**: DINO's weighted k-NN (k = {DEFAULT_K}, T = {DEFAULT_TEMPERATURE}) of the served backbone's CLS "
         f"features ({setup.eval_size} px centre crops) on `{setup.knn_val}` against `{setup.knn_train}`: "
         f"{classes} classes, chance {chance:.1f} %.",
         f"- **Mask IoU**: mean IoU with the exact object masks of the `/v1/segment` masks at a shorter side of "

@@ -33,6 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from core.knn import DEFAULT_TEMPERATURE
+
 from . import distributed
 from .augment import MultiCropAugmentation, MultiCropConfig
 from .checkpoint import BACKBONE_FORMAT, FORMAT_VERSION, FULL_FORMAT, atomic_save, strip_prefix
@@ -450,7 +452,7 @@ class Trainer:
         train_feats = extract_features(backbone, train_set, progress=False, size=size)
         val_feats = extract_features(backbone, val_set, progress=False, size=size)
         k = min(cfg.knn_k, len(train_set))
-        top1, top5 = knn_classifier(*train_feats, *val_feats, k, 0.07, num_classes)
+        top1, top5 = knn_classifier(*train_feats, *val_feats, k, DEFAULT_TEMPERATURE, num_classes)
         log.info("k-NN monitor (k=%d, %d px): top-1 %.2f, top-5 %.2f", k, size, top1, top5)
         return {"knn_top1": top1, "knn_top5": top5}
 
