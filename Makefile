@@ -46,10 +46,11 @@ $(BUNDLE): | $(STAMP)
 serve: $(STAMP) $(BUNDLE)
 	$(BIN)/dinoserve serve --repository $(REPOSITORY) --model $(MODEL) --host $(HOST) --port $(PORT)
 
-# Rebuilds the committed demo checkpoint and bundle exactly as described in the README.
+# Rebuilds the committed demo checkpoint and bundle exactly as described in the README (docs/training.md).
 demo-model: $(STAMP)
 	$(BIN)/dinoserve train --config demo/train.toml --output runs/demo
 	cp runs/demo/teacher_backbone.pth $(DEMO_CHECKPOINT)
+	rm -rf demo/model_repository/dinoserve-demo  # a new architecture cannot join the old one's versions
 	$(BIN)/dinoserve export $(DEMO_CHECKPOINT) --repository demo/model_repository --name dinoserve-demo --version 1
 
 # Re-takes docs/demo-page.png, the README's picture of the demo page, from the demo bundle.

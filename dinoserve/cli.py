@@ -163,6 +163,13 @@ def _add_export(sub) -> None:
     p.add_argument("--instances", type=int, default=1, help="model instances per device in Triton")
     p.add_argument("--queue-delay-us", type=int, default=2000,
                    help="Triton dynamic batcher's max queue delay; trades latency for batch size")
+    p.add_argument("--crop", type=int, default=224,
+                   help="the model card's embedding input: centre crop side; a model trained on smaller crops is "
+                        "served best at its training crop (default: 224, DINO's)")
+    p.add_argument("--resize", type=int,
+                   help="the model card's resize of the shorter side before the crop (default: crop x 256/224)")
+    p.add_argument("--segmentation-size", type=int, default=480,
+                   help="the model card's default /v1/segment input side (shorter side; default: 480, DINO's)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="run the exported file at three sizes and compare with PyTorch; fail on a mismatch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -337,7 +344,8 @@ def _export(args) -> int:
         options = ExportOptions(
             checkpoint_key=args.checkpoint_key, format=args.format, precision=args.precision, version=args.version,
             num_heads=args.num_heads, pos_interpolation=args.pos_interpolation, method=args.method,
-            cache_dir=args.cache_dir, verify=args.verify, progress=not args.quiet,
+            cache_dir=args.cache_dir, verify=args.verify, progress=not args.quiet, crop=args.crop,
+            resize=args.resize, segmentation_size=args.segmentation_size,
             serving=Serving(args.max_batch_size, args.queue_delay_us, args.max_queue_size, args.instances))
     except ValueError as error:
         raise config_error("export", error) from None

@@ -112,16 +112,16 @@ class Multipart:
     ``files``: file part name → the model field its images go to; a field in ``single`` takes exactly one
     image, the others a list. With ``items`` set, each image becomes an object of that list field instead,
     with the form fields ``per_image`` (given once per image) and ``per_image_or_all`` (once per image, or once
-    for all). Text fields named in ``json`` hold JSON, those in ``csv`` comma-separated lists; every other text
-    field is the model field of its name, given once."""
+    for all). Text fields named in ``json_fields`` hold JSON, those in ``csv_fields`` comma-separated lists;
+    every other text field is the model field of its name, given once."""
 
     files: dict[str, str]
     single: tuple[str, ...] = ()
     items: str | None = None
     per_image: tuple[str, ...] = ()
     per_image_or_all: tuple[str, ...] = ()
-    json: tuple[str, ...] = ()
-    csv: tuple[str, ...] = ()
+    json_fields: tuple[str, ...] = ()
+    csv_fields: tuple[str, ...] = ()
 
 
 async def read_request(request: Request, settings: Settings, model: type[Model], form: Multipart) -> Model:
@@ -202,12 +202,12 @@ def _per_image(name: str, given: list[str], count: int, layout: Multipart) -> li
 
 
 def _text_value(name: str, value: str, layout: Multipart):
-    if name in layout.json:
+    if name in layout.json_fields:
         try:
             return json.loads(value)
         except json.JSONDecodeError:
             raise ApiError(422, "validation_error", f"form field {name!r} is not valid JSON") from None
-    if name in layout.csv:
+    if name in layout.csv_fields:
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
 

@@ -186,3 +186,25 @@ def test_fp16_variant_keeps_fp32_inputs_and_outputs_and_the_embedding_direction(
 
     weights = onnx.load(str(onnx_path)).graph.initializer
     assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) > len(weights) // 2
+
+
+def test_a_model_trained_on_small_crops_is_carded_at_its_own_scale(trained_run, tmp_path):
+    """``crop`` sets the card's embedding transform (resize at DINO's 256 : 224 ratio unless given), the default
+    segmentation input and Triton's warm-up input; bad values are refused before anything is written."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from core.model_card import ModelCard
+    from training.export import ExportOptions, export_bundle
+    from training.weights import CheckpointError
+
+    model_dir = export_bundle(trained_run / "checkpoint.pth", tmp_path / "repository", "small",
+                              ExportOptions(crop=64, segmentation_size=96, verify=False, progress=False))
+    card = ModelCard.load(model_dir)
+    assert (card.preprocess.resize, card.preprocess.crop, card.segmentation_size) == (73, 64, 96)  # 64 x 8/7
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert list(config.model_warmup[0].inputs["pixel_values"].dims) == [3, 64, 64]
+    assert ExportOptions(crop=64, resize=80).resize == 80
+    for bad in ({"crop": 0}, {"crop": 100, "resize": 90}, {"segmentation_size": 2000}):
+        with pytest.raises(CheckpointError):
+            ExportOptions(**bad)

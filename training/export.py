@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from core import __version__
+from core.segmentation import MAX_SIZE
 from core.model_card import (
     CARD_FILENAME,
     FORMAT_VERSION,
@@ -75,6 +76,12 @@ class ExportOptions:
     method: Literal["dino", "ibot"] | None = None  # recorded in the card; default: read from the file
     cache_dir: Path | None = None  # hub downloads
     serving: Serving = field(default_factory=Serving)
+    # The model card's embedding transform (shorter side to ``resize``, centre crop ``crop``) and default
+    # segmentation input; the defaults are DINO's evaluation transform and mask size, for models trained at 224.
+    # A model trained on smaller crops is served at its own scale: crop = its training crop.
+    crop: int = 224
+    resize: int | None = None  # default: crop x 256 / 224, DINO's ratio
+    segmentation_size: int = 480
     verify: bool = True  # run the exported file at three sizes and compare with PyTorch
     progress: bool = True
 
@@ -85,6 +92,13 @@ class ExportOptions:
             raise CheckpointError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.version is not None and self.version < 1:
             raise CheckpointError(f"--version must be 1 or more, got {self.version}")
+        if self.resize is None:  # frozen: set once, here
+            object.__setattr__(self, "resize", round(self.crop * 256 / 224))
+        if not 1 <= self.crop <= self.resize:
+            raise CheckpointError(f"--crop must be at least 1 and at most --resize, got crop {self.crop} and "
+                                  f"resize {self.resize}")
+        if not 1 <= self.segmentation_size <= MAX_SIZE:
+            raise CheckpointError(f"--segmentation-size must be between 1 and {MAX_SIZE}, got {self.segmentation_size}")
 
 
 def block_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,9 +193,9 @@ def model_card(name: str, loaded: LoadedBackbone, *, source: Path, hub: HubWeigh
         "precision": "fp16" if fmt == "tensorrt" else options.precision,
         "version": version,
         "onnx": onnx_info,
-        "preprocess": {"resize": 256, "crop": 224, "interpolation": "bicubic",
+        "preprocess": {"resize": options.resize, "crop": options.crop, "interpolation": "bicubic",
                        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "segmentation": {"size": 480},
+        "segmentation": {"size": options.segmentation_size},
         "inputs": {"pixel_values": {**dtype, "name": INPUT_NAME, "shape": ["B", 3, "H", "W"]}},
         "outputs": {
             "embedding": {**dtype, "name": "embedding", "shape": ["B", spec.embed_dim]},
@@ -206,13 +220,14 @@ def warmup_side(spec: BackboneSpec, crop: int = 224) -> int:
     return max(1, round(crop / spec.patch_size)) * spec.patch_size
 
 
-def triton_config(name: str, spec: BackboneSpec, serving: Serving, platform: str = "onnxruntime_onnx") -> str:
+def triton_config(name: str, spec: BackboneSpec, serving: Serving, platform: str = "onnxruntime_onnx",
+                  crop: int = 224) -> str:
     """``config.pbtxt`` for Triton's ONNX Runtime (or TensorRT) backend: dynamic batching with a bounded
     queue (requests beyond it are refused at once instead of waiting), ``serving.instances`` copies of the
     model, a warm-up inference at the embedding size so that readiness means warm, and the newest version
     folder served."""
     d, h = spec.embed_dim, spec.num_heads
-    side = warmup_side(spec)
+    side = warmup_side(spec, crop)
     kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
     return f"""name: "{name}"
 platform: "{platform}"
@@ -475,7 +490,7 @@ def export_bundle(source: str | Path, repository: Path, name: str, options: Expo
         shutil.move(str(artefact), version_dir / artefact.name)
     platform = "tensorrt_plan" if fmt == "tensorrt" else "onnxruntime_onnx"
     (model_dir / "config.pbtxt").write_text(
-        triton_config(name, loaded.spec, options.serving, platform))
+        triton_config(name, loaded.spec, options.serving, platform, options.crop))
     card = model_card(name, loaded, source=path, hub=hub, onnx_info=onnx_info, options=options, version=version)
     (model_dir / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
     bar.close()

@@ -30,7 +30,7 @@ MAX_METADATA_BYTES = 65536
 # File parts ``images`` (or ``image``), each an item; ``id`` once per image, ``label`` and ``metadata`` (JSON)
 # once per image or once for all.
 FORM = Multipart(files={"images": "items", "image": "items"}, items="items", per_image=("id",),
-                 per_image_or_all=("label", "metadata"), json=("metadata",))
+                 per_image_or_all=("label", "metadata"), json_fields=("metadata",))
 TEXT_LIST = {"type": "array", "items": {"type": "string"}}
 OPENAPI_BODY = request_body(AddItemsRequest, {"images": IMAGE_FILES, "id": TEXT_LIST, "label": TEXT_LIST,
                                               "metadata": {"type": "array", "items": JSON_TEXT}})

@@ -39,10 +39,10 @@ from .common import (
     matrix,
 )
 
-SEARCH_FORM = Multipart(files={"image": "image", "images": "images"}, single=("image",), json=("filter",))
+SEARCH_FORM = Multipart(files={"image": "image", "images": "images"}, single=("image",), json_fields=("filter",))
 SEARCH_BODY = request_body(SearchRequest, {"image": IMAGE_FILE, "images": IMAGE_FILES, "k": {"type": "integer"},
                                            "filter": JSON_TEXT})
-CLASSIFY_FORM = Multipart(files={"images": "images", "image": "images"}, json=("filter",))
+CLASSIFY_FORM = Multipart(files={"images": "images", "image": "images"}, json_fields=("filter",))
 CLASSIFY_BODY = request_body(ClassifyRequest, {
     "images": IMAGE_FILES, "collection": {"type": "string"}, "k": {"type": "integer"},
     "temperature": {"type": "number"}, "top": {"type": "integer"}, "filter": JSON_TEXT})

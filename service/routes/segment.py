@@ -15,7 +15,7 @@ from ..schemas import SegmentOptions, SegmentRequest, SegmentResponse
 from .common import CardDep, InferenceDep, SettingsDep
 
 # One file part, named ``image`` (or ``images``, holding exactly one file); ``outputs`` comma-separated.
-FORM = Multipart(files={"image": "image", "images": "image"}, single=("image",), csv=("outputs",))
+FORM = Multipart(files={"image": "image", "images": "image"}, single=("image",), csv_fields=("outputs",))
 
 
 def openapi_body(card: ModelCard) -> dict:
