@@ -7,7 +7,8 @@ self-supervised run of the same size can reach: a backbone that cannot learn the
 steps will not learn them from DINO's self-distillation in N steps either.
 
 - ``cnn``: 4 conv layers (32/64/128/128 channels, 3x3, BatchNorm + ReLU), 2x2 max-pool between them, global
-  max pool, linear head;
+  max pool, linear head; ``cnn-avg``: the same with a global *mean* pool, which is what a ViT's CLS token
+  computes at initialisation (uniform attention over the tokens);
 - ``ARCH/PATCH`` (``vit_micro/8``, ``vit_nano/4``, ...): ``training.models`` backbone at ``--size``, linear
   head on its output (the final-norm CLS token);
 - ``ARCH/PATCH+conv``: the same ViT with its patch projection (one PATCH x PATCH convolution of stride PATCH)
@@ -28,6 +29,7 @@ of the training (evaluation included; data generation not).
     python bench/learnability.py
     python bench/learnability.py --models cnn vit_micro/8 vit_nano/4 --steps 600 --threads 2
     python bench/learnability.py --models vit_micro/8 vit_micro/8+conv --backgrounds train --val-backgrounds test
+    python bench/learnability.py --models cnn cnn-avg --backgrounds train --val-backgrounds test --steps 300
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ def images(count: int, size: int, seed: int, backgrounds: tuple[str, ...]) -> tu
 
 
 def build(name: str, size: int) -> nn.Module:
-    if name == "cnn":
+    if name in ("cnn", "cnn-avg"):
+        # cnn-avg: the same CNN pooling its last feature map by its mean instead of its maximum, as a ViT's
+        # CLS token does at initialisation (uniform attention).
+        last_pool = nn.AdaptiveAvgPool2d(1) if name == "cnn-avg" else nn.AdaptiveMaxPool2d(1)
         layers, cin = [], 3
         for i, cout in enumerate((32, 64, 128, 128)):
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
-            layers.append(nn.MaxPool2d(2) if i < 3 else nn.AdaptiveMaxPool2d(1))
+            layers.append(nn.MaxPool2d(2) if i < 3 else last_pool)
             cin = cout
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, len(CLASSES)))
     name, plus, stem = name.partition("+")
@@ -113,7 +118,7 @@ def train(name: str, data: tuple, args: argparse.Namespace) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["cnn", "vit_micro/8"], help="cnn and/or ARCH/PATCH")
+    parser.add_argument("--models", nargs="+", default=["cnn", "vit_micro/8"], help="cnn, cnn-avg and/or ARCH/PATCH[+conv]")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--val-images", type=int, default=300)
