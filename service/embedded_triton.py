@@ -47,10 +47,22 @@ _MODEL_FILE = Path(__file__).with_name("triton_model.py")
 _PR_SET_PDEATHSIG = 1
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` now. The sockets stay bound until all are drawn: ports asked
+    for one after another may come back equal, as the kernel hands a just-released port out again (seen:
+    Triton given one port for gRPC and metrics refused to start)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def _die_with_parent():
@@ -84,9 +96,9 @@ class EmbeddedTriton:
         self.model_dir = Path(model_dir)
         self.card = card
         self.host = host
-        self.http_port = http_port or free_port(host)
-        self.grpc_port = grpc_port or free_port(host)
-        self.metrics_port = metrics_port or free_port(host)
+        spare = iter(free_ports(3, host))  # distinct from each other (three drawn one by one need not be)
+        self.http_port, self.grpc_port, self.metrics_port = (
+            port or next(spare) for port in (http_port, grpc_port, metrics_port))
         self.threads = threads
         self.max_batch_size = max_batch_size
         self.queue_delay_us = queue_delay_us

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from service.embedded_triton import free_port
+from service.embedded_triton import free_ports
 
 
 def process_tree(pid: int) -> list[int]:
@@ -31,9 +31,9 @@ class Server:
 
     def __init__(self, bundle: Path, log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
                  triton_port: int | None = None):
-        self.port = free_port()
+        self.port, spare = free_ports(2)  # two distinct ports (two drawn one by one need not be)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.triton_url = f"127.0.0.1:{triton_port or free_port()}"
+        self.triton_url = f"127.0.0.1:{triton_port or spare}"
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "dinoserve"), "serve", "--repository", str(bundle.parent),

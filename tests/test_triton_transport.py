@@ -235,3 +235,39 @@ def test_a_model_triton_cannot_load_fails_start_with_tritons_own_reason_and_leav
     assert "INVALID_PROTOBUF" in str(failure.value)  # onnxruntime's reason, through Triton's log
     assert embedded._process is None
     assert list(workspaces.iterdir()) == []  # the model repository and backend links are gone
+
+
+def test_the_embedded_tritons_ports_are_distinct_even_when_the_kernel_hands_a_released_port_out_again(
+        monkeypatch):
+    # The fault (seen once in CI: gRPC and metrics given the same port, Triton refused to start) depends on the
+    # kernel's choice; this socket stand-in makes it certain: port 0 binds the lowest port no open socket holds.
+    import service.embedded_triton as embedded_triton
+
+    held: set[int] = set()
+
+    class ReusingSocket:
+        def __init__(self):
+            self.port = None
+
+        def bind(self, address):
+            self.port = min(set(range(41000, 41010)) - held)
+            held.add(self.port)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def close(self):
+            held.discard(self.port)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    monkeypatch.setattr(embedded_triton.socket, "socket", ReusingSocket)
+    assert embedded_triton.free_port() == embedded_triton.free_port()  # the fault is there
+    embedded = EmbeddedTriton(DEMO_BUNDLE, CARD)
+    assert len({embedded.http_port, embedded.grpc_port, embedded.metrics_port}) == 3
+    given = EmbeddedTriton(DEMO_BUNDLE, CARD, http_port=8000)
+    assert given.http_port == 8000 and len({given.grpc_port, given.metrics_port}) == 2
