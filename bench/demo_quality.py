@@ -60,15 +60,14 @@ def random_init_bundle(checkpoint: Path, card: ModelCard, repository: Path) -> P
     """The checkpoint's architecture with seed-0 initialisation, exported like the bundle (same card settings)."""
     import torch
 
-    from training.checkpoint import BACKBONE_FORMAT, FORMAT_VERSION
+    from training.checkpoint import backbone_file
     from training.evaluate import random_backbone
     from training.export import ExportOptions, export_bundle, load_backbone
 
     spec, method, _ = load_backbone(checkpoint)
     weights = random_backbone(spec, 0).state_dict()
     path = repository.parent / "random-init.pth"
-    torch.save({"format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "method": method,
-                "backbone": {**spec.to_dict(), "drop_path_rate": 0.0}, "state_dict": weights}, path)
+    torch.save(backbone_file(spec.to_dict(), method, weights), path)
     options = ExportOptions(crop=card.preprocess.crop, resize=card.preprocess.resize,
                             segmentation_size=card.segmentation_size, verify=False, progress=False)
     return export_bundle(path, repository, "random-init", options)

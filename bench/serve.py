@@ -58,7 +58,7 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.embedded_triton import free_port
+from service.embedded_triton import free_port, free_ports
 from service.images import decode_for_embedding, embedding_input
 from core.model_card import ModelCard, latest_model_file
 from service.triton_model import session_options
@@ -303,8 +303,9 @@ def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return means
 
 
-def start_server(model_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(model_dir: Path, log_path: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(log_path, "w")
     server = subprocess.Popen(
@@ -360,10 +361,10 @@ def main() -> None:
 
     rows = []
     for max_batch, delay in batchers:
-        metrics_port = free_port()
+        port, metrics_port = free_ports(2)  # distinct (two drawn one by one need not be)
         server, url = start_server(model_dir, log_path, {"DINOSERVE_EMBEDDED_MAX_BATCH_SIZE": str(max_batch),
                                                          "DINOSERVE_EMBEDDED_QUEUE_DELAY_US": str(delay),
-                                                         "DINOSERVE_TRITON_METRICS_PORT": str(metrics_port)})
+                                                         "DINOSERVE_TRITON_METRICS_PORT": str(metrics_port)}, port)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         try:
             for mp in args.megapixels:

@@ -259,12 +259,6 @@ def test_the_embedded_tritons_ports_are_distinct_even_when_the_kernel_hands_a_re
         def close(self):
             held.discard(self.port)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.close()
-
     monkeypatch.setattr(embedded_triton.socket, "socket", ReusingSocket)
     assert embedded_triton.free_port() == embedded_triton.free_port()  # the fault is there
     embedded = EmbeddedTriton(DEMO_BUNDLE, CARD)

@@ -24,6 +24,13 @@ BACKBONE_FORMAT = "dinoserve-backbone"
 FORMAT_VERSION = 1
 
 
+def backbone_file(spec: dict, method: str, state_dict: dict) -> dict:
+    """The served-backbone file (``teacher_backbone.pth``, ``backbone.pth``): the backbone spec (stochastic
+    depth off: serving never drops paths), the method that trained it and its weights."""
+    return {"format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "method": method,
+            "backbone": {**spec, "drop_path_rate": 0.0}, "state_dict": state_dict}
+
+
 def atomic_save(obj: dict, path: Path) -> None:
     """Write to a temporary file and rename, so a crash mid-write never leaves a torn checkpoint."""
     path = Path(path)

@@ -37,7 +37,7 @@ from core.knn import DEFAULT_TEMPERATURE
 
 from . import distributed
 from .augment import MultiCropAugmentation, MultiCropConfig
-from .checkpoint import BACKBONE_FORMAT, FORMAT_VERSION, FULL_FORMAT, atomic_save, strip_prefix
+from .checkpoint import FORMAT_VERSION, FULL_FORMAT, atomic_save, backbone_file, strip_prefix
 from .config import TrainConfig
 from .data import open_dataset
 from .masking import BlockMaskGenerator
@@ -301,10 +301,7 @@ class Trainer:
             atomic_save(state, self.out / f"checkpoint{epochs_done:04d}.pth")
         backbone = strip_prefix(self._served().state_dict(), "backbone.")
         backbone.pop("masked_embed", None)  # serving never masks
-        atomic_save({
-            "format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "method": cfg.method,
-            "backbone": {**self.spec.to_dict(), "drop_path_rate": 0.0}, "state_dict": backbone,
-        }, self.out / backbone_filename(cfg.method))
+        atomic_save(backbone_file(self.spec.to_dict(), cfg.method, backbone), self.out / backbone_filename(cfg.method))
 
     # -- one step ----------------------------------------------------------------------------------
 
