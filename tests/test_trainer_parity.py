@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from training.config import TrainConfig
+from training.models import BackboneSpec, build_backbone
 from training.trainer import Trainer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -94,8 +95,6 @@ def test_six_official_steps_across_an_epoch_boundary_give_the_official_run(metho
 def test_the_key_bias_left_out_of_the_comparison_gets_no_gradient_but_rounding():
     """Why ``determined`` drops the key third of ``qkv.bias``: its gradient is zero up to fp32 rounding,
     while the query and value biases get real gradients."""
-    from training.models import BackboneSpec, build_backbone
-
     torch.manual_seed(0)
     backbone = build_backbone(BackboneSpec.from_arch("vit_pico", 8, 32))
     backbone(torch.randn(4, 3, 32, 32)).square().sum().backward()
