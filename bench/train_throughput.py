@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py                      # ViT-S/16, 2x224 + 8x96 crops, CPU
     .venv/bin/python bench/train_throughput.py --arch vit_base --batch-size 64   # on a GPU
+    .venv/bin/python bench/train_throughput.py --config demo/train.toml           # a training config's recipe
 
 Each variant builds a ``Trainer`` (the code ``dinoserve train`` runs) and times ``Trainer._step``: teacher
 and student forward, loss, backward, clipping, optimizer step and EMA update, on crops already in
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile on a CPU")
+    parser.add_argument("--config", help="measure this training config's recipe (its method, backbone, crops, "
+                        "head and batch size) instead of the options above")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -94,14 +97,23 @@ def main() -> None:
             variants.append({"name": "fp32 + compile", "precision": "fp32", "compile": True})
         device = f"CPU, {torch.get_num_threads()} threads"
 
-    print(f"{args.arch}/{args.patch_size}, batch {args.batch_size}, 2x224 + {args.local_crops}x96 crops, {device}; "
+    if args.config:
+        recipe = TrainConfig.from_file(args.config)
+        configs = [TrainConfig.from_dict({**recipe.__dict__, "data": f"synthetic:{recipe.batch_size}:32:0",
+                                          "num_workers": 0, "epochs": 2, "warmup_epochs": 0, "knn_every": 0})]
+    else:
+        configs = [TrainConfig(method=method, arch=args.arch, patch_size=args.patch_size, batch_size=args.batch_size,
+                               local_crops_number=args.local_crops, data=f"synthetic:{args.batch_size}:32:0",
+                               num_workers=0, epochs=2, warmup_epochs=0, out_dim=65536 if method == "dino" else 8192,
+                               patch_out_dim=8192, shared_head=method == "ibot")
+                   for method in args.methods]
+    first = configs[0]
+    print(f"{first.arch}/{first.patch_size} ({first.stem} stem), batch {first.batch_size}, 2x{first.global_size} + "
+          f"{first.local_crops_number}x{first.local_size} crops, {device}; "
           f"median of {args.repeats} steps after {args.warmup} warm-up steps")
     print(f"{'method':<6}  {'variant':<30}  {'images/s':>9}  {'vs fp32 eager':>13}")
-    for method in args.methods:
-        cfg = TrainConfig(method=method, arch=args.arch, patch_size=args.patch_size, batch_size=args.batch_size,
-                          local_crops_number=args.local_crops, data=f"synthetic:{args.batch_size}:32:0",
-                          num_workers=0, epochs=2, warmup_epochs=0, out_dim=65536 if method == "dino" else 8192,
-                          patch_out_dim=8192, shared_head=method == "ibot")
+    for cfg in configs:
+        method = cfg.method
         baseline = None
         for variant in variants:
             rate = measure(cfg, variant, args.warmup, args.repeats)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from training.config import TrainConfig
 from training.export import load_backbone
 from training.models import build_backbone
 
@@ -32,3 +33,10 @@ def test_committed_demo_bundle_was_exported_from_the_committed_checkpoint():
     digest = hashlib.sha256((ROOT / "demo" / "dinoserve-demo.pth").read_bytes()).hexdigest()
     assert card["source"]["sha256"] == digest
     assert card["name"] == "dinoserve-demo" and (bundle / "1" / "model.onnx").is_file()
+
+
+def test_probe_recipe_of_the_training_docs_is_a_valid_config():
+    cfg = TrainConfig.from_file(ROOT / "demo" / "probe.toml")
+    assert (cfg.method, cfg.arch, cfg.patch_size, cfg.stem, cfg.global_size, cfg.local_size) == (
+        "dino", "vit_micro", 8, "conv", 64, 32)
+    assert cfg.knn_every == 1 and cfg.knn_val.endswith(":test")  # the monitor on held-out backgrounds

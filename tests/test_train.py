@@ -3,6 +3,7 @@ an EMA teacher, per-step metrics, exact resume, curves, export of the result."""
 
 import csv
 import json
+import logging
 import math
 import shutil
 
@@ -13,7 +14,7 @@ from conftest import run_cli
 from training.config import PRESETS, TrainConfig
 from training.models import BackboneSpec
 from training.methods import teacher_statistics
-from training.trainer import resolve_precision
+from training.trainer import cpu_has_bf16_units, resolve_precision
 
 
 def _metrics(run) -> list[dict]:
@@ -183,6 +184,24 @@ def test_precision_follows_the_device():
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="CUDA"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_bf16_units_are_read_from_the_cpu_flags():
+    x86 = {"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False}
+    assert cpu_has_bf16_units(x86) is False
+    assert cpu_has_bf16_units({**x86, "avx512_bf16": True}) is True
+    assert cpu_has_bf16_units({**x86, "amx_bf16": True}) is True
+    assert cpu_has_bf16_units({"architecture": "aarch64"}) is None
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(caplog):
+    """On this machine's real CPU: a warning exactly when it has no bf16 units (fp32 never warns)."""
+    emulated = cpu_has_bf16_units(torch.cpu.get_capabilities()) is False
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        resolve_precision("fp32", torch.device("cpu"))
+        assert not caplog.records
+        resolve_precision("bf16", torch.device("cpu"))
+    assert any("without bf16 units" in r.getMessage() for r in caplog.records) == emulated
 
 
 def test_a_checkpoint_of_another_method_is_not_resumed(trained_run, tmp_path):

@@ -93,13 +93,25 @@ def build_models(cfg: TrainConfig) -> tuple[BackboneSpec, nn.Module, nn.Module |
     return spec, student, teacher
 
 
+def cpu_has_bf16_units(capabilities: dict) -> bool | None:
+    """Whether an x86 CPU (``torch.cpu.get_capabilities()``) multiplies bf16 in hardware (AVX-512 BF16 or
+    AMX); None for other architectures, where the capabilities do not say."""
+    if capabilities.get("architecture") != "x86_64":
+        return None
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: fp16 with a grad scaler on GPUs, as the official recipes (``--use_fp16 true``); fp32 on
-    CPUs. bf16 is an explicit choice (docs/training.md, "Fidelity")."""
+    CPUs. bf16 is an explicit choice (docs/training.md, "Fidelity"); on an x86 CPU without bf16 units it is
+    emulated, many times slower than fp32 (docs/training.md, "bf16 on a CPU"), and a warning says so."""
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 needs a CUDA device (its grad scaler is for GPUs); use fp32 or bf16 on CPU")
+    if precision == "bf16" and device.type == "cpu" and cpu_has_bf16_units(torch.cpu.get_capabilities()) is False:
+        log.warning("precision bf16 on a CPU without bf16 units (no AVX-512 BF16 or AMX): autocast emulates "
+                    "it, many times slower than fp32 here; precision fp32 (or auto) trains faster")
     return precision
 
 
