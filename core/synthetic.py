@@ -60,6 +60,8 @@ _PIXEL_NOISE_RANGE = (2.0, 6.0)  # std of the added Gaussian noise, in 0..255 un
 _PHOTO_CROP_RANGE = (0.3, 1.0)  # side of a photo crop / the largest crop of the image's aspect that fits
 _CELL_COUNT_RANGE = (6, 30)  # Voronoi cells of a "cells" background
 _WAVE_COUNT = 3  # plane waves summed in a "waves" background
+_EASY_SCALE_RANGE = (0.75, 0.85)  # make_curriculum_sample's object diameter at difficulty 0
+_CURRICULUM_STREAM = 1  # third entropy word of make_curriculum_sample's generator
 
 Size = int | tuple[int, int]
 
@@ -297,6 +299,14 @@ def make_sample(index: int, size: Size = 128, seed: int = 0,
     ring_inner = rng.uniform(*_RING_INNER_RANGE)
     noise_std = rng.uniform(*_PIXEL_NOISE_RANGE)
 
+    return _render(rng, shapes, label, kind, background, colour, radius, angle, centre, ring_inner, noise_std)
+
+
+def _render(rng: np.random.Generator, shapes: tuple[str, ...], label: int, kind: str, background: np.ndarray,
+            colour: np.ndarray, radius: float, angle: float, centre: np.ndarray, ring_inner: float,
+            noise_std: float) -> SyntheticSample:
+    """Paint shape ``shapes[label]`` onto ``background`` and add the pixel noise (``rng``'s last draw)."""
+    width, height = background.shape[1], background.shape[0]
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     polygons = [
         (points @ rotation.T * radius + centre, inside)
@@ -308,6 +318,48 @@ def make_sample(index: int, size: Size = 128, seed: int = 0,
     pixels += noise_std * rng.standard_normal(size=pixels.shape, dtype=np.float32)
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
     return SyntheticSample(image, label, shapes[label], coverage >= 0.5, kind)
+
+
+def make_curriculum_sample(index: int, size: Size = 128, seed: int = 0, difficulty: float = 1.0,
+                           backgrounds: Sequence[str] = BACKGROUNDS,
+                           classes: Sequence[str] = CLASSES) -> SyntheticSample:
+    """Sample ``index`` of a curriculum: ``difficulty`` 0 is a white shape on black, centred, 75–85 % of the
+    shorter side across; 1 is :func:`make_sample`'s distribution (any size of its range, anywhere, colours
+    and backgrounds of ``backgrounds``); in between, the size range and the offset from the centre are
+    interpolated and the background is a drawn one (with a drawn object colour) with probability
+    ``difficulty``, else black (kind ``"plain"``, white object). Labels as in :func:`make_sample`; a pure
+    function of the arguments, drawn from another stream than :func:`make_sample` of the same index.
+
+    A randomly initialised network tells apart the easy images' shapes (k-NN well above chance) and not the
+    hard ones'; a self-supervised run that starts easy has a shape signal to sharpen before the backgrounds
+    come (docs/training.md, issue 20).
+    """
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+    kinds = parse_backgrounds(backgrounds)
+    shapes = parse_classes(classes)
+    index, seed = operator.index(index), operator.index(seed)
+    if index < 0 or seed < 0:
+        raise ValueError(f"index and seed must be non-negative, got {index} and {seed}")
+    width, height = parse_size(size)
+    rng = np.random.default_rng([seed, index, _CURRICULUM_STREAM])
+    label = index % len(shapes)
+    low, high = (easy + (hard - easy) * difficulty for easy, hard in zip(_EASY_SCALE_RANGE, _SCALE_RANGE))
+    radius = rng.uniform(low, high) * min(width, height) / 2
+    angle = rng.uniform(0, 2 * math.pi)
+    margin = 0.9 * radius
+    middle = np.array([width / 2, height / 2])
+    anywhere = np.array([rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)])
+    centre = middle + difficulty * (anywhere - middle)
+    ring_inner = rng.uniform(*_RING_INNER_RANGE)
+    noise_std = rng.uniform(*_PIXEL_NOISE_RANGE)
+    if rng.uniform() < difficulty:
+        kind, background = _background(rng, width, height, kinds)
+        colour = _object_colour(rng, background)
+    else:
+        kind, background = "plain", np.zeros((height, width, 3), np.float32)
+        colour = np.full(3, 255.0, np.float32)
+    return _render(rng, shapes, label, kind, background, colour, radius, angle, centre, ring_inner, noise_std)
 
 
 class SyntheticShapes:
@@ -346,6 +398,33 @@ class SyntheticShapes:
         sample = self.sample(i)
         image = self.transform(sample.image) if self.transform else sample.image
         return image, sample.label
+
+
+class ShapeCurriculum:
+    """``shapes``' images as a curriculum over epochs: image ``index`` of epoch ``e`` is
+    :func:`make_curriculum_sample` ``index + e * n`` (new images every epoch) at a difficulty drawn
+    uniformly from ``[0, min(1, e / ramp_epochs)]``: plain shapes in the first epoch, the generator's whole
+    range of difficulty from epoch ``ramp_epochs`` on (with easy images still among them). A pure function of
+    ``(shapes, ramp_epochs, epoch, index)``, so a resumed run sees the same images."""
+
+    def __init__(self, shapes: SyntheticShapes, ramp_epochs: int) -> None:
+        if ramp_epochs < 1:
+            raise ValueError(f"ramp_epochs must be at least 1, got {ramp_epochs}")
+        self.shapes, self.ramp_epochs = shapes, ramp_epochs
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def difficulty(self, epoch: int, index: int) -> float:
+        ceiling = min(1.0, epoch / self.ramp_epochs)
+        return ceiling * float(np.random.default_rng([self.shapes.seed, epoch, index, _CURRICULUM_STREAM]).uniform())
+
+    def sample(self, epoch: int, index: int) -> SyntheticSample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        shapes = self.shapes
+        return make_curriculum_sample(index + epoch * len(self), shapes.size, shapes.seed,
+                                      self.difficulty(epoch, index), shapes.backgrounds, shapes.classes)
 
 
 def mask_root(root: str | pathlib.Path) -> pathlib.Path:

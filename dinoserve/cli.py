@@ -55,6 +55,9 @@ TRAIN_HELP = {
     "clip_grad": "per-parameter gradient norm cap (0 disables); helps ViTs train stably",
     "freeze_last_layer": "epochs during which the prototypes do not move; stabilises the start",
     "drop_path_rate": "stochastic depth of the student",
+    "curriculum_epochs": "synthetic data: start with plain white shapes on black, centred, and reach the generator's "
+                         "sizes, positions, colours and backgrounds after this many epochs; new images every epoch "
+                         "(0: off)",
     "local_crops_number": "small crops per image; the student must match the teacher's global views from them",
     "num_workers": "data-loading processes; augmentation is CPU-heavy",
     "patch_out_dim": "iBOT: prototypes for the patch tokens",

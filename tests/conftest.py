@@ -49,6 +49,14 @@ def ibot_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def curriculum_run(tmp_path_factory) -> Path:
+    """``trained_run`` on a curriculum (``--curriculum-epochs 1``): plain shapes in epoch 1, any in epoch 2."""
+    out = tmp_path_factory.mktemp("curriculum")
+    run_cli("train", *TINY_TRAIN, "--curriculum-epochs", "1", "--output", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def bundle(trained_run, tmp_path_factory) -> Path:
     """A model directory written by ``dinoserve export`` from the tiny run's full checkpoint."""
     repository = tmp_path_factory.mktemp("repository")

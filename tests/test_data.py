@@ -22,6 +22,7 @@ from training.data import (
     ImageFolder,
     SyntheticShapes,
     load_image,
+    make_curriculum_sample,
     make_sample,
     mask_root,
     open_dataset,
@@ -310,6 +311,65 @@ def test_synthetic_dataset_indexing_and_transform():
     assert len(list(dataset)) == 5
     plain_image, _ = SyntheticShapes(1, size=32)[0]
     assert isinstance(plain_image, Image.Image)
+
+
+# --- the curriculum of the demo model (issue 20) -------------------------------
+
+
+def _centre_and_side(mask: np.ndarray) -> tuple[np.ndarray, float]:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean() + 0.5, ys.mean() + 0.5]), float(max(np.ptp(xs), np.ptp(ys)) + 1)
+
+
+def test_curriculum_starts_with_white_shapes_centred_on_black():
+    for i in range(12):
+        sample = make_curriculum_sample(i, 64, seed=5, difficulty=0.0, backgrounds="train")
+        assert sample.background == "plain" and sample.label == i % 6
+        pixels = np.asarray(sample.image, dtype=np.float64)
+        assert pixels[sample.mask].mean() > 240 and pixels[~sample.mask].mean() < 15
+        centre, side = _centre_and_side(sample.mask)
+        # Centred: the disc-like shapes' centroid is the image centre (the triangle's and others' are off it by
+        # less than a fifth of their size); 75-85 % of the side across, less for shapes short of their circle.
+        assert np.abs(centre - 32).max() < 0.2 * side
+        assert 0.5 * 64 < side <= 0.85 * 64 + 2
+        if sample.class_name in ("circle", "ring"):
+            assert np.abs(centre - 32).max() < 1 and 0.75 * 64 - 2 <= side
+
+
+def test_curriculum_at_full_difficulty_is_the_generators_range():
+    samples = [make_curriculum_sample(i, 64, seed=5, difficulty=1.0, backgrounds="test") for i in range(60)]
+    assert {s.background for s in samples} <= set(BACKGROUND_GROUPS["test"])
+    circles = [_centre_and_side(s.mask) for s in samples if s.class_name in ("circle", "ring")]
+    sides = [side / 64 for _, side in circles]
+    offsets = [np.abs(centre - 32).max() / 64 for centre, _ in circles]
+    assert min(sides) < 0.4 and max(sides) > 0.6 and max(sides) <= 0.72  # the range 0.25-0.70
+    assert max(offsets) > 0.15
+    again = make_curriculum_sample(7, 64, seed=5, difficulty=1.0, backgrounds="test")
+    assert again.image.tobytes() == samples[7].image.tobytes()
+    assert again.image.tobytes() != make_sample(7, 64, seed=5, backgrounds="test").image.tobytes()
+    with pytest.raises(ValueError, match=r"difficulty must be in \[0, 1\]"):
+        make_curriculum_sample(0, 64, difficulty=1.5)
+
+
+def test_shape_curriculum_ramps_the_difficulty_and_draws_new_images_every_epoch():
+    curriculum = synthetic.ShapeCurriculum(SyntheticShapes(30, size=48, seed=2, backgrounds="train"), ramp_epochs=4)
+    assert len(curriculum) == 30
+    levels = {epoch: [curriculum.difficulty(epoch, i) for i in range(30)] for epoch in (0, 2, 4, 9)}
+    assert set(levels[0]) == {0.0}
+    assert max(levels[2]) <= 0.5 and max(levels[2]) > 0.35 and min(levels[2]) < 0.15
+    for epoch in (4, 9):
+        assert max(levels[epoch]) <= 1.0 and max(levels[epoch]) > 0.7 and min(levels[epoch]) < 0.3
+    assert {curriculum.sample(0, i).background for i in range(30)} == {"plain"}
+    for i in (0, 13):
+        first, later = curriculum.sample(0, i), curriculum.sample(1, i)
+        assert first.image.tobytes() != later.image.tobytes()
+        assert curriculum.sample(1, i).image.tobytes() == later.image.tobytes()
+        expected = make_curriculum_sample(i + 4 * 30, 48, 2, curriculum.difficulty(4, i), "train")
+        assert curriculum.sample(4, i).image.tobytes() == expected.image.tobytes()
+    with pytest.raises(IndexError):
+        curriculum.sample(0, 30)
+    with pytest.raises(ValueError, match="ramp_epochs"):
+        synthetic.ShapeCurriculum(SyntheticShapes(3, size=48), ramp_epochs=0)
 
 
 # --- writing and reading folders ------------------------------------------------

@@ -77,7 +77,8 @@ def test_teacher_statistics_detect_both_kinds_of_collapse():
     assert entropy == pytest.approx(0, abs=1e-4) and kl == pytest.approx(math.log(k), abs=1e-4)
 
 
-@pytest.mark.parametrize("run_fixture, loss_key", [("trained_run", "dino_loss"), ("ibot_run", "ibot_loss")])
+@pytest.mark.parametrize("run_fixture, loss_key", [("trained_run", "dino_loss"), ("ibot_run", "ibot_loss"),
+                                                   ("curriculum_run", "dino_loss")])
 def test_resume_continues_with_the_same_next_step_loss(request, tmp_path, run_fixture, loss_key):
     run = request.getfixturevalue(run_fixture)
     # A run that stopped after its first epoch: its checkpoint of that moment, resumed elsewhere.
@@ -168,6 +169,17 @@ def test_presets_carry_the_official_recipes_and_options_override_them(tmp_path):
         TrainConfig.build("dino_vitz")
     with pytest.raises(ValueError, match="unknown method"):
         TrainConfig.build(values={"method": "simclr2"})
+
+
+def test_a_curriculum_trains_on_new_images_and_needs_synthetic_data(curriculum_run, trained_run):
+    config = json.loads((curriculum_run / "config.json").read_text())
+    assert config["curriculum_epochs"] == 1
+    # Same seed, same crops' randomness: only the images differ, so the first step's loss does too.
+    assert _metrics(curriculum_run)[0]["loss"] != _metrics(trained_run)[0]["loss"]
+    with pytest.raises(ValueError, match="curriculum_epochs draws synthetic images"):
+        TrainConfig.from_dict({"data": "some/folder", "curriculum_epochs": 3})
+    with pytest.raises(ValueError, match="curriculum_epochs must be 0"):
+        TrainConfig.from_dict({"data": "synthetic:64", "curriculum_epochs": -1})
 
 
 def test_any_plain_timm_vit_name_is_an_architecture():

@@ -49,6 +49,9 @@ class TrainConfig:
     local_crops_number: int = 8
     color_jitter: float = 1.0  # multiplies DINO's colour-jitter strengths; raise it where colour must not matter
     grayscale_p: float = 0.2
+    # Synthetic data only: images from plain shapes to the generator's range over this many epochs, new ones every
+    # epoch (core.synthetic.ShapeCurriculum; 0: off, the data spec's images every epoch).
+    curriculum_epochs: int = 0
     # iBOT (method = "ibot"): masked-image modelling on the global crops' patch tokens.
     patch_out_dim: int = 8192
     shared_head: bool = False  # one set of prototypes for the student's CLS and patch tokens
@@ -145,6 +148,10 @@ class TrainConfig:
             raise ValueError("queue_size (a MoCo v2-style queue of negatives) is a MoCo v3 option")
         if self.queue_size < 0:
             raise ValueError("queue_size must be 0 (no queue) or more")
+        if self.curriculum_epochs < 0:
+            raise ValueError("curriculum_epochs must be 0 (off) or more")
+        if self.curriculum_epochs and not self.data.startswith("synthetic:"):
+            raise ValueError("curriculum_epochs draws synthetic images; it needs data = \"synthetic:N...\"")
         if self.knn_every and not (self.knn_train and self.knn_val):
             raise ValueError("knn_every needs knn_train and knn_val (labelled folders or synthetic:N specs)")
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.knn import DEFAULT_TEMPERATURE
+from core.synthetic import ShapeCurriculum
 
 from . import distributed
 from .augment import MultiCropAugmentation, MultiCropConfig
@@ -189,6 +190,8 @@ class Trainer:
             cfg.color_jitter, cfg.grayscale_p))
         self.ncrops = augmentation.ncrops
         dataset = open_dataset(cfg.data)
+        if cfg.curriculum_epochs:
+            dataset = ShapeCurriculum(dataset, cfg.curriculum_epochs)
         per_step = cfg.batch_size * self.rt.world_size
         if len(dataset) < per_step:
             raise ValueError(f"dataset has {len(dataset)} images, fewer than one step of {per_step} "

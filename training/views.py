@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from core.synthetic import ShapeCurriculum
+
 from .augment import MultiCropAugmentation
 from .masking import BlockMaskGenerator
 
@@ -52,6 +54,7 @@ class EpochShardSampler(Sampler):
 
 class TrainingViews(Dataset):
     """``(epoch, index)`` → the multi-crop views of image ``index`` and, for iBOT, a mask per global crop.
+    A :class:`~core.synthetic.ShapeCurriculum` dataset gives each epoch its own images.
 
     Items are ``(crops, masks)``: ``crops`` a list of tensors (global crops first), ``masks`` a bool tensor
     ``(2, h, w)`` on the global crops' patch grid (all False before ``pred_start_epoch``), or an empty
@@ -75,7 +78,10 @@ class TrainingViews(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        image, _ = self.dataset[index]
+        if isinstance(self.dataset, ShapeCurriculum):
+            image = self.dataset.sample(epoch, index).image
+        else:
+            image, _ = self.dataset[index]
         seed = sample_seed(self.seed, epoch, index)
         # The augmentations draw from the global ``random`` and torch generators: seed them for this
         # sample and put them back, so the caller's streams are untouched.
