@@ -269,6 +269,17 @@ def parse_classes(classes: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(sorted(_select(classes, SHAPES, CLASS_GROUPS, "classes")))
 
 
+def _sample_arguments(index: int, size: Size, seed: int, backgrounds: Sequence[str],
+                      classes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...], int, int, tuple[int, int]]:
+    """A sample's arguments checked and parsed: (kinds, shapes, index, seed, (width, height))."""
+    kinds = parse_backgrounds(backgrounds)
+    shapes = parse_classes(classes)
+    index, seed = operator.index(index), operator.index(seed)
+    if index < 0 or seed < 0:
+        raise ValueError(f"index and seed must be non-negative, got {index} and {seed}")
+    return kinds, shapes, index, seed, parse_size(size)
+
+
 def make_sample(index: int, size: Size = 128, seed: int = 0,
                 backgrounds: Sequence[str] = BACKGROUNDS, classes: Sequence[str] = CLASSES) -> SyntheticSample:
     """Generate sample ``index``; its label is ``index % len(classes)``, its class ``classes[label]``.
@@ -278,12 +289,7 @@ def make_sample(index: int, size: Size = 128, seed: int = 0,
     ``CLASSES`` by default. The result depends only on ``(index, size, seed, backgrounds, classes)``, byte
     for byte; with the defaults it is the same as before those options existed.
     """
-    kinds = parse_backgrounds(backgrounds)
-    shapes = parse_classes(classes)
-    index, seed = operator.index(index), operator.index(seed)
-    if index < 0 or seed < 0:
-        raise ValueError(f"index and seed must be non-negative, got {index} and {seed}")
-    width, height = parse_size(size)
+    kinds, shapes, index, seed, (width, height) = _sample_arguments(index, size, seed, backgrounds, classes)
     rng = np.random.default_rng([seed, index])
     label = index % len(shapes)
 
@@ -336,12 +342,7 @@ def make_curriculum_sample(index: int, size: Size = 128, seed: int = 0, difficul
     """
     if not 0.0 <= difficulty <= 1.0:
         raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    kinds = parse_backgrounds(backgrounds)
-    shapes = parse_classes(classes)
-    index, seed = operator.index(index), operator.index(seed)
-    if index < 0 or seed < 0:
-        raise ValueError(f"index and seed must be non-negative, got {index} and {seed}")
-    width, height = parse_size(size)
+    kinds, shapes, index, seed, (width, height) = _sample_arguments(index, size, seed, backgrounds, classes)
     rng = np.random.default_rng([seed, index, _CURRICULUM_STREAM])
     label = index % len(shapes)
     low, high = (easy + (hard - easy) * difficulty for easy, hard in zip(_EASY_SCALE_RANGE, _SCALE_RANGE))
