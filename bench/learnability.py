@@ -16,6 +16,8 @@ steps will not learn them from DINO's self-distillation in N steps either.
   See Better* (NeurIPS 2021): log2(PATCH) 3x3 convolutions of stride 2 (channels doubling up to the
   embedding width / 2, BatchNorm + ReLU) and a 1x1 projection to the embedding width. It is the trainer's
   ``--stem conv`` (``training.models.conv_stem``; PATCH a power of two, at least 4).
+- ``ARCH/PATCH+edges``: that stem fed a fixed, colour-blind edge map of the image instead of its colours, the
+  trainer's ``--stem edges`` (``training.models.EdgeMap``).
 
 Training images are samples ``0..N-1`` of seed 5 on ``--backgrounds`` (default ``classic``, the four kinds
 the figures in docs/training.md were measured on; ``train``: those and the ``photo`` pictures), validation
@@ -30,6 +32,7 @@ of the training (evaluation included; data generation not).
     python bench/learnability.py --models cnn vit_micro/8 vit_nano/4 --steps 600 --threads 2
     python bench/learnability.py --models vit_micro/8 vit_micro/8+conv --backgrounds train --val-backgrounds test
     python bench/learnability.py --models cnn cnn-avg --backgrounds train --val-backgrounds test --steps 300
+    python bench/learnability.py --models vit_micro/8+conv vit_micro/8+edges --backgrounds train --val-backgrounds test --steps 300
 """
 
 from __future__ import annotations
@@ -73,10 +76,10 @@ def build(name: str, size: int) -> nn.Module:
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, len(CLASSES)))
     name, plus, stem = name.partition("+")
     arch, _, patch = name.partition("/")
-    if plus and stem != "conv":
-        raise ValueError(f"unknown stem {stem!r}; ARCH/PATCH+conv is the convolutional one")
-    # The trainer's backbone option (``--stem conv``, training.models.conv_stem).
-    spec = BackboneSpec.from_arch(arch, int(patch or 16), size, stem="conv" if plus else "patch")
+    if plus and stem not in ("conv", "edges"):
+        raise ValueError(f"unknown stem {stem!r}; ARCH/PATCH+conv is the convolutional one, +edges the edge map's")
+    # The trainer's backbone option (``--stem conv`` / ``--stem edges``, training.models).
+    spec = BackboneSpec.from_arch(arch, int(patch or 16), size, stem=stem if plus else "patch")
     return nn.Sequential(build_backbone(spec), nn.Linear(spec.embed_dim, len(CLASSES)))
 
 
@@ -118,7 +121,8 @@ def train(name: str, data: tuple, args: argparse.Namespace) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["cnn", "vit_micro/8"], help="cnn, cnn-avg and/or ARCH/PATCH[+conv]")
+    parser.add_argument("--models", nargs="+", default=["cnn", "vit_micro/8"],
+                        help="cnn, cnn-avg and/or ARCH/PATCH[+conv|+edges]")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--val-images", type=int, default=300)

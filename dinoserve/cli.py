@@ -40,7 +40,8 @@ TRAIN_HELP = {
     "arch": "ViT size: vit_nano / vit_micro (CPU and tests), vit_tiny, vit_small, vit_base, vit_large",
     "patch_size": "patch side in pixels; 8 gives finer attention maps at 4x the cost of 16",
     "stem": "patch: the ViT's patch projection (official); conv: a convolutional stem of the same stride (Xiao et "
-            "al. 2021), same token grid and bundle; needs a power-of-two patch size >= 4",
+            "al. 2021), same token grid and bundle; edges: that stem fed a fixed colour-blind edge map of the "
+            "image; conv and edges need a power-of-two patch size >= 4",
     "img_size": "size whose patch grid the position embeddings are stored at; others are interpolated",
     "data": "image folder (class sub-folders give labels) or synthetic:N[:SIZE[:SEED[:BACKGROUNDS[:CLASSES]]]]",
     "output": "run directory: checkpoint.pth (resumable), teacher_backbone.pth (backbone.pth for the methods "

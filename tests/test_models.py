@@ -1,6 +1,6 @@
 """The DINO head and multi-crop wrapper behave as the official vision_transformer.py defines them; the
-convolutional stem (``--stem conv``) keeps the token grid, the checkpoints and the exported bundle of the
-patch stem."""
+convolutional stems (``--stem conv``, ``--stem edges``) keep the token grid, the checkpoints and the exported
+bundle of the patch stem, and the edge map is the same for a shape in any colours."""
 
 from dataclasses import asdict
 
@@ -14,9 +14,13 @@ from training.models import (
     DINOHead,
     MultiCropWrapper,
     WeightNormLinear,
+    EdgeMap,
     build_backbone,
     conv_stem,
 )
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
 def test_weight_norm_linear_matches_torch_weight_norm_and_official_keys():
@@ -61,12 +65,13 @@ def test_multicrop_wrapper_runs_each_resolution_once_in_crop_major_order():
 # -- the convolutional stem (issue 20): a backbone option the bundle contract does not see -------------------
 
 
+@pytest.mark.parametrize("stem", ["conv", "edges"])
 @pytest.mark.parametrize("patch, sizes", [(4, [(32, 32), (24, 40), (12, 4)]), (8, [(64, 64), (32, 48), (72, 16)]),
                                           (16, [(64, 48), (16, 16)])])
-def test_conv_stem_keeps_the_token_grid_of_the_patch_stem(patch, sizes):
+def test_conv_stem_keeps_the_token_grid_of_the_patch_stem(stem, patch, sizes):
     torch.manual_seed(0)
     patch_vit = build_backbone(BackboneSpec.from_arch("vit_pico", patch, img_size=4 * patch)).eval()
-    conv_vit = build_backbone(BackboneSpec.from_arch("vit_pico", patch, img_size=4 * patch, stem="conv")).eval()
+    conv_vit = build_backbone(BackboneSpec.from_arch("vit_pico", patch, img_size=4 * patch, stem=stem)).eval()
     assert isinstance(conv_vit.patch_embed.proj, nn.Sequential)
     for height, width in sizes:
         x = torch.randn(2, 3, height, width)
@@ -85,8 +90,9 @@ def test_conv_stem_layers_and_initialisation_follow_xiao_et_al():
     for bn in (m for m in stem if isinstance(m, nn.BatchNorm2d)):
         assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
     for patch in (2, 6, 12):
-        with pytest.raises(ValueError, match="power-of-two patch size of at least 4"):
-            BackboneSpec.from_arch("vit_pico", patch, stem="conv")
+        for stem in ("conv", "edges"):
+            with pytest.raises(ValueError, match=f"the {stem} stem needs a power-of-two patch size of at least 4"):
+                BackboneSpec.from_arch("vit_pico", patch, stem=stem)
     with pytest.raises(ValueError, match="unknown stem"):
         BackboneSpec.from_arch("vit_pico", 8, stem="hybrid")
     with pytest.raises(ValueError, match="power-of-two"):
@@ -127,11 +133,12 @@ def test_the_stem_round_trips_through_training_checkpoints_and_old_ones_load_as_
     fit_weights(loaded.spec, loaded.weights, "old.pth")
 
 
-def test_exported_conv_stem_backbone_matches_pytorch_with_running_statistics(tmp_path):
+@pytest.mark.parametrize("stem", ["conv", "edges"])
+def test_exported_conv_stem_backbone_matches_pytorch_with_running_statistics(tmp_path, stem):
     from training.export import BundleGraph, export_onnx, verify_onnx
 
     torch.manual_seed(0)
-    spec = BackboneSpec.from_arch("vit_pico", 4, img_size=32, stem="conv")
+    spec = BackboneSpec.from_arch("vit_pico", 4, img_size=32, stem=stem)
     vit = build_backbone(spec)
     with torch.no_grad():  # BatchNorm statistics away from (0, 1), as after training; export runs eval mode
         for _ in range(3):
@@ -142,3 +149,58 @@ def test_exported_conv_stem_backbone_matches_pytorch_with_running_statistics(tmp
     assert [shape for shape, _ in report] == [(1, 3, 32, 32), (2, 3, 36, 48), (1, 3, 60, 80)]
     embedding, attention, patch_tokens = graph(torch.randn(2, 3, 36, 48))
     assert embedding.shape == (2, 48) and attention.shape == (2, 3, 9 * 12) and patch_tokens.shape == (2, 108, 48)
+
+
+# -- the edge stem (``--stem edges``): the conv stem fed a colour-blind edge map -------------------------------
+
+
+def _normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """(h, w, 3) RGB values in 0..255 → the network's (1, 3, h, w) input, ImageNet-normalised."""
+    return ((pixels.permute(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD)[None]
+
+
+def test_edge_map_of_a_step_is_four_times_its_height_over_the_mean_plus_the_floor():
+    # Sobel's x kernel weighs the columns either side of a pixel 1, 2, 1: at both pixels beside a vertical
+    # step of height h it gives 4h, elsewhere 0; here the step is in one normalised channel only.
+    x = torch.zeros(1, 3, 8, 10)
+    x[0, 1, :, 5:] = 0.75
+    out = EdgeMap(floor=0.5)(x)[0]
+    magnitude = 4 * 0.75
+    # Two of ten columns carry the edge; the others have the magnitude of the 1e-6 each square root adds.
+    scale = (2 * magnitude + 8 * (2e-6) ** 0.5) / 10 + 0.5
+    assert torch.allclose(out[0, :, 4:6], torch.full((8, 2), magnitude / scale), rtol=1e-3)  # |∂x|
+    assert torch.allclose(out[2, :, 4:6], torch.full((8, 2), magnitude / scale), rtol=1e-3)  # magnitude
+    assert out[1].max() < 1e-2 and out[:, :, :4].max() < 1e-2 and out[:, :, 6:].max() < 1e-2  # no |∂y|, no edge
+
+
+def test_edge_map_is_the_same_for_a_shape_in_any_colours_up_to_one_scale():
+    ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    inside = (((xs - 20) ** 2 + (ys - 26) ** 2) < 14 ** 2) | ((xs > 28) & (xs < 44) & (ys > 6) & (ys < 22))
+    colourings = [((255, 255, 255), (0, 0, 0)), ((0, 0, 0), (255, 255, 255)),  # either polarity
+                  ((200, 40, 90), (30, 160, 120)), ((90, 90, 250), (240, 220, 30))]
+    inputs, maps = [], []
+    for shape_rgb, background_rgb in colourings:
+        pixels = torch.where(inside[..., None], torch.tensor(shape_rgb, dtype=torch.float32),
+                             torch.tensor(background_rgb, dtype=torch.float32))
+        inputs.append(_normalised(pixels).flatten())
+        maps.append(EdgeMap()(_normalised(pixels)).flatten())
+    for i in range(1, len(colourings)):
+        assert torch.cosine_similarity(maps[0], maps[i], dim=0) > 0.9999  # one map up to its scale
+        assert torch.cosine_similarity(inputs[0], inputs[i], dim=0) < 0.9  # the colours themselves differ
+    flat = _normalised(torch.full((48, 48, 3), 120.0))
+    assert EdgeMap()(flat).abs().max() < 1e-2  # no edges, nothing amplified
+
+
+def test_edge_stem_has_the_conv_stems_weights_and_no_more():
+    torch.manual_seed(0)
+    conv = build_backbone(BackboneSpec.from_arch("vit_pico", 8, img_size=32, stem="conv"))
+    torch.manual_seed(0)
+    edges = build_backbone(BackboneSpec.from_arch("vit_pico", 8, img_size=32, stem="edges"))
+    assert isinstance(edges.patch_embed.proj[0], EdgeMap)
+    conv_state, edge_state = conv.state_dict(), edges.state_dict()
+    assert len(conv_state) == len(edge_state)
+    for (name, weight), (edge_name, edge_weight) in zip(conv_state.items(), edge_state.items()):
+        if name.startswith("patch_embed.proj."):  # the same layers, numbered from 1 behind the edge map
+            index, rest = name.removeprefix("patch_embed.proj.").split(".", 1)
+            name = f"patch_embed.proj.{int(index) + 1}.{rest}"
+        assert edge_name == name and torch.equal(weight, edge_weight)

@@ -132,9 +132,9 @@ class TrainConfig:
             raise ValueError(f"crop sizes ({self.global_size}, {self.local_size}) must be multiples of the "
                              f"patch size {self.patch_size}")
         check_stem(self.stem, self.patch_size)
-        if self.stem == "conv" and self.freeze_patch_embed:
+        if self.stem != "patch" and self.freeze_patch_embed:
             raise ValueError("freeze_patch_embed fixes the patch projection of the patch stem; the convolutional "
-                             "stem has none to fix")
+                             "stems have none to fix")
         if self.method == "ibot" and (self.shared_head or self.shared_head_teacher) and self.patch_out_dim != self.out_dim:
             raise ValueError(f"iBOT with shared_head or shared_head_teacher (main_ibot.py's default) scores the patch "
                              f"tokens on the CLS prototypes, so patch_out_dim must equal out_dim (got "
@@ -158,16 +158,18 @@ class TrainConfig:
 
 METHODS = ("dino", "ibot", "mocov3", "simclr", "byol", "simsiam", "swav")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STEMS = ("patch", "conv")  # the backbone's first layer: the official patch projection or a convolutional stem
+# The backbone's first layer: the official patch projection, a convolutional stem, or that stem behind a fixed
+# colour-blind edge map (``training.models.EdgeMap``).
+STEMS = ("patch", "conv", "edges")
 
 
 def check_stem(stem: str, patch_size: int) -> None:
-    """ValueError unless ``stem`` is one of ``STEMS`` and fits ``patch_size`` (the convolutional stem halves
-    the resolution per 3×3 convolution, so its patch must be a power of two, at least 4)."""
+    """ValueError unless ``stem`` is one of ``STEMS`` and fits ``patch_size`` (the convolutional stems halve
+    the resolution per 3×3 convolution, so their patch must be a power of two, at least 4)."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-    if stem == "conv" and (patch_size < 4 or patch_size & (patch_size - 1)):
-        raise ValueError(f"the convolutional stem needs a power-of-two patch size of at least 4, not {patch_size}")
+    if stem != "patch" and (patch_size < 4 or patch_size & (patch_size - 1)):
+        raise ValueError(f"the {stem} stem needs a power-of-two patch size of at least 4, not {patch_size}")
 
 
 def read_options(path: str | Path) -> dict:

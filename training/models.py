@@ -19,6 +19,7 @@ stem of the same total stride (Xiao et al., *Early Convolutions Help Transformer
 log2(patch) 3×3 stride-2 convolutions with BatchNorm and ReLU, then a 1×1 projection to the embedding width.
 It lives in ``patch_embed.proj``, so the token grid, the position embeddings and their interpolation, the
 exported graph and the bundle's outputs are those of the patch stem; only the first layer's weights differ.
+``stem = "edges"`` puts a fixed, colour-blind edge map (:class:`EdgeMap`, no parameters) in front of that stem.
 
 The head follows the official ``vision_transformer.DINOHead``; its last layer keeps the official
 ``weight_g`` / ``weight_v`` keys (in that order) so checkpoints and optimizer states map one to one.
@@ -61,8 +62,8 @@ class BackboneSpec:
     img_size: int = 224  # position-embedding grid = img_size / patch_size per side
     drop_path_rate: float = 0.0
     # How pixels become tokens (``config.STEMS``): "patch", the official non-overlapping patch projection, or
-    # "conv", a convolutional stem of the same stride (``conv_stem``). Checkpoints written before the field
-    # existed load as "patch".
+    # "conv", a convolutional stem of the same stride (``conv_stem``), or "edges", that stem behind a fixed
+    # edge map (``edge_stem``). Checkpoints written before the field existed load as "patch".
     stem: str = "patch"
 
     def __post_init__(self):
@@ -120,6 +121,37 @@ def conv_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels, embed_dim, 1))
 
 
+class EdgeMap(nn.Module):
+    """A fixed, colour-blind view of the (normalised) image, three channels at full resolution: per pixel
+    the 3×3 Sobel derivatives of each colour channel (edge-replicated border) combined over the channels as
+    ``|∂x| = √Σc ∂x_c²``, ``|∂y| = √Σc ∂y_c²`` and the magnitude ``√(|∂x|² + |∂y|²)``, all divided by the
+    image's mean magnitude plus ``floor``. A flat shape gives the same map, up to that one scale, in any two
+    colours of either polarity. DeepCluster (Caron et al., 2018) put a fixed Sobel filter in front of its
+    network for the same reason: to take colour away as a shortcut; the division removes the contrast as
+    well, and ``floor`` keeps a crop without edges from amplifying its pixel noise (docs/training.md)."""
+
+    def __init__(self, floor: float = 0.5):
+        super().__init__()
+        self.floor = floor
+        sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        kernels = torch.stack([sobel_x, sobel_x.t()])[:, None].repeat(3, 1, 1, 1)  # (c, direction) pairs
+        self.register_buffer("kernels", kernels, persistent=False)  # not a weight: checkpoints do not carry it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grads = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.kernels.to(x.dtype), groups=3)
+        squares = grads.unflatten(1, (3, 2)).pow(2).sum(1)  # (batch, direction, h, w), summed over colour
+        dx, dy = squares[:, :1].add(1e-6).sqrt(), squares[:, 1:].add(1e-6).sqrt()
+        magnitude = (dx.pow(2) + dy.pow(2)).sqrt()
+        scale = magnitude.mean(dim=(2, 3), keepdim=True) + self.floor
+        return torch.cat([dx, dy, magnitude], 1) / scale
+
+
+def edge_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
+    """:class:`EdgeMap` followed by :func:`conv_stem`: the token grid and weights of the convolutional stem
+    (its layers are numbered from 1), fed edges instead of colours."""
+    return nn.Sequential(EdgeMap(), *conv_stem(patch_size, embed_dim))
+
+
 class OfficialAttention(Attention):
     """timm's attention module (same parameters) computing the official ``Attention.forward``:
     ``softmax((q @ kᵀ) · scale) @ v`` with an explicit softmax, in the official order of operations."""
@@ -169,15 +201,17 @@ class ViTBackbone(OfficialViT):
     tokens ``(batch, 1 + h*w, dim)``; with ``masked_im_modeling`` the patches where ``mask``
     ``(batch, h, w)`` is True are replaced by the learnable ``masked_embed`` before the position
     embedding is added, as iBOT's ``prepare_tokens`` does (same parameter name and shape as the official
-    checkpoints). ``stem="conv"`` puts :func:`conv_stem` in ``patch_embed.proj``.
+    checkpoints). ``stem="conv"`` puts :func:`conv_stem` in ``patch_embed.proj``, ``stem="edges"``
+    :func:`edge_stem`.
     """
 
     def __init__(self, *args, masked_im_modeling: bool = False, drop_path_rate: float = 0.0, stem: str = "patch",
                  **kwargs):
         super().__init__(*args, attn_layer=OfficialAttention, weight_init="skip", **kwargs)
         check_stem(stem, self.patch_embed.patch_size[0])
-        if stem == "conv":
-            self.patch_embed.proj = conv_stem(self.patch_embed.patch_size[0], self.embed_dim)
+        if stem != "patch":
+            make = conv_stem if stem == "conv" else edge_stem
+            self.patch_embed.proj = make(self.patch_embed.patch_size[0], self.embed_dim)
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
         # The official stochastic-depth rule, linear in depth: dpr_i = i · rate / (depth - 1).
         rates = [x.item() for x in torch.linspace(0, drop_path_rate, len(self.blocks))]
@@ -201,7 +235,7 @@ class ViTBackbone(OfficialViT):
 
 def build_backbone(spec: BackboneSpec, masked_im_modeling: bool = False) -> ViTBackbone:
     """The official ViT of ``spec`` returning the final-norm CLS token (``num_classes=0``, token pooling);
-    with ``spec.stem == "conv"`` its patch projection is :func:`conv_stem`."""
+    with ``spec.stem == "conv"`` its patch projection is :func:`conv_stem`, with ``"edges"`` :func:`edge_stem`."""
     return ViTBackbone(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
